@@ -1,0 +1,142 @@
+"""group_advantages: every backend against the float64 reference, TRL's own formula, hand values, errors."""
+
+import pytest
+import torch
+from trl.trainer.utils import nanstd
+
+from fastrft_kernels import group_advantages, use_backend
+
+BACKENDS = ("reference", "torch", "triton")
+NAN = float("nan")
+
+
+def _rewards():
+    """7 groups of 5 with every corner: NaNs, a zero-spread group, one- and zero-valid groups."""
+    r = torch.randn(35, dtype=torch.float64) * 2.0 + 0.3  # [35]
+    r[1] = NAN  # group 0: one NaN among five
+    r[5:10] = 0.1  # group 1: all equal (zero std; 0.1 does not sum exactly in fp32)
+    r[10:14] = NAN  # group 2: one valid member
+    r[15:20] = NAN  # group 3: no valid member
+    r[22] = NAN  # group 4: four valid
+    r[25:27] = torch.tensor([1.0, 1.0], dtype=torch.float64)  # group 5: a tie, not zero std overall
+    return r
+
+
+def _check(out, ref, dtype=torch.float32, rtol=1e-5):
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all(), "every advantage must be finite (NaN rewards give 0)"
+    err = (out.double() - ref).abs().max().item()
+    assert err <= rtol * max(ref.abs().max().item(), 1.0), err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale,estimator", [("group", "grpo"), ("batch", "grpo"), ("none", "grpo"), ("group", "rloo")])
+def test_contiguous_groups_match_reference(backend, scale, estimator):
+    r = _rewards()
+    with use_backend("reference"):
+        ref = group_advantages(r, 5, scale=scale, estimator=estimator)  # float64 spec
+    with use_backend(backend):
+        out = group_advantages(r.float(), 5, scale=scale, estimator=estimator)
+    _check(out, ref)
+    assert (out[5:20] == 0).all()  # zero std, one valid member, no valid member: exactly 0
+    assert out[1] == 0 and out[22] == 0  # NaN rewards
+    assert (out[[0, 2, 3, 4]] != 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale,estimator", [("group", "grpo"), ("batch", "grpo"), ("none", "grpo"), ("none", "rloo")])
+def test_noncontiguous_group_ids_equal_the_sorted_layout(backend, scale, estimator):
+    r = _rewards()
+    ids = torch.arange(35) // 5 * 7 + 3  # arbitrary, non-dense group values
+    perm = torch.randperm(35)
+    with use_backend("reference"):
+        ref = group_advantages(r, 5, scale=scale, estimator=estimator)
+    with use_backend(backend):
+        out = group_advantages(r[perm].float(), group_ids=ids[perm].int(), scale=scale, estimator=estimator)
+    _check(out, ref[perm])
+
+
+def test_hand_values():
+    r = torch.tensor([1.0, 2.0, 3.0, NAN, 4.0, 4.0, 6.0, 10.0], dtype=torch.float64)
+    eps = 1e-4
+    for backend in BACKENDS:
+        with use_backend(backend):
+            grpo = group_advantages(r, 4)
+            rloo = group_advantages(r, 4, estimator="rloo")
+            none = group_advantages(r, 4, scale="none")
+        # group 0: mean 2, unbiased std 1; group 1: mean 6, std sqrt(((-2)^2*2 + 0 + 16)/3) = sqrt(8)
+        s1 = 8.0**0.5
+        want = [-1 / (1 + eps), 0.0, 1 / (1 + eps), 0.0, -2 / (s1 + eps), -2 / (s1 + eps), 0.0, 4 / (s1 + eps)]
+        torch.testing.assert_close(grpo.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+        # rloo: r - mean of the others; group 1: 4 - 20/3, 4 - 20/3, 6 - 6, 10 - 14/3
+        want = [1 - 2.5, 0.0, 3 - 1.5, 0.0, 4 - 20 / 3, 4 - 20 / 3, 0.0, 10 - 14 / 3]
+        torch.testing.assert_close(rloo.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+        want = [-1.0, 0.0, 1.0, 0.0, -2.0, -2.0, 0.0, 4.0]
+        torch.testing.assert_close(none.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_matches_trl_formula(scale):
+    """TRL's `_generate_and_score_completions` arithmetic, with its own `nanstd`, on rewards whose groups
+    all have distinct values (TRL gives ~1e-4-scaled rounding noise, not 0, on zero-spread groups)."""
+    G = 6
+    r = torch.randn(4 * G, dtype=torch.float64)
+    r[[2, 9, 10]] = NAN
+    r[18:23] = NAN  # one valid member: TRL's NaN std, then nan_to_num -> 0
+    mean = torch.nanmean(r.view(-1, G), dim=1).repeat_interleave(G)
+    std = nanstd(r.view(-1, G), dim=1).repeat_interleave(G) if scale == "group" else nanstd(r).expand_as(r)
+    want = r - mean
+    if scale != "none":
+        want = want / (std + 1e-4)
+    want = torch.nan_to_num(want, nan=0.0)
+    for backend in BACKENDS:
+        with use_backend(backend):
+            out = group_advantages(r.float(), G, scale=scale)
+        _check(out, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_half_precision_rewards(dtype, backend):
+    r = _rewards().to(dtype)
+    with use_backend("reference"):
+        ref = group_advantages(r.double(), 5)
+    with use_backend(backend):
+        out = group_advantages(r, 5)
+    _check(out, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_and_singleton_groups(backend):
+    with use_backend(backend):
+        assert group_advantages(torch.empty(0), 4).shape == (0,)
+        out = group_advantages(torch.randn(6) + 1.0, 1)
+    assert out.shape == (6,) and (out == 0).all()  # a group of one has no spread
+
+
+def test_errors_name_the_argument():
+    r = torch.randn(8)
+    with pytest.raises(ValueError, match="rewards must be 1-D"):
+        group_advantages(r.view(2, 4), 4)
+    with pytest.raises(TypeError, match="rewards must be a floating tensor"):
+        group_advantages(torch.arange(8), 4)
+    with pytest.raises(TypeError, match="rewards must be a torch.Tensor"):
+        group_advantages([1.0, 2.0], 2)
+    with pytest.raises(ValueError, match="group_size=3 must divide"):
+        group_advantages(r, 3)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        group_advantages(r, 0)
+    with pytest.raises(ValueError, match="exactly one of group_size .* and group_ids"):
+        group_advantages(r)
+    with pytest.raises(ValueError, match="exactly one of group_size .* and group_ids"):
+        group_advantages(r, 4, group_ids=torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"group_ids must have one entry per reward \(8\)"):
+        group_advantages(r, group_ids=torch.zeros(7, dtype=torch.long))
+    with pytest.raises(TypeError, match="group_ids must be an int32 or int64"):
+        group_advantages(r, group_ids=torch.zeros(8))
+    with pytest.raises(ValueError, match="scale must be one of .*'group', 'batch', 'none'"):
+        group_advantages(r, 4, scale="global")
+    with pytest.raises(ValueError, match="estimator must be one of .*'grpo', 'rloo'"):
+        group_advantages(r, 4, estimator="ppo")
+    with pytest.raises(ValueError, match="eps must be"):
+        group_advantages(r, 4, eps=-1.0)
