@@ -1,0 +1,850 @@
+"""Log-probability (and entropy) of target tokens fused with the LM head: never holds [N, V].
+
+`linear_logprob(hidden, weight, targets)` returns log softmax((hidden @ weight.T + bias) / T)[target]
+per row, and optionally the entropy of that distribution, without materializing the [N, V] logits.
+
+Only completion rows run: rows whose target is `ignore_index` are dropped first (one
+`nonzero`, the only host sync: the grid size needs the row count), so a packed batch whose
+prompts fill 80% of the tokens pays for the 20% that are completions.
+
+Triton design (the GPU path; the tests run it under TRITON_INTERPRET=1):
+- Pass A (`_fwd_partial_kernel`): grid (row blocks x vocab splits). Each program walks its
+  vocab split in [BLOCK_N, BLOCK_V] logit tiles, each a `tl.dot` loop over H in BLOCK_H, and
+  keeps per row an online max m, sum-exp s = sum e^(z-m) and a = sum e^(z-m) (z-m) (relative
+  to the running max, so every term is bounded: logits of 1e4 at temperature 0.1 stay
+  finite). `_fwd_finalize_kernel` merges the splits in a fixed order in fp32 -> lse, the mean
+  logit E[z] (for entropy and its gradient) and the entropy. The split width
+  (`_V_PER_SPLIT` columns) depends on V only, never on N: a row's reduction order is the
+  same whatever else is in the batch (batch invariance).
+- The target logit is a row dot product x . w[target] (`_target_logit_kernel`), in both the
+  full pass and the lse-reuse pass, so the two give bit-identical log-probs for the same
+  lse (an on-policy ratio is exactly 1).
+- Pass B (backward), deterministic, no float atomics: `_bwd_dx_kernel` (grid row blocks x
+  vocab splits, each program owning its rows of a fp32 partial dX) and `_bwd_dw_kernel`
+  (grid vocab blocks, each program owning its rows of a fp32 dW and dbias) each recompute
+  their logit tiles and form dlogits = (g_logp (onehot - p) - g_ent p (z - E[z])) / T in
+  registers. FLOPs: 2NHV (pass A) + 2 x (2NHV recompute + 2NHV product) = 10 NHV,
+  1.25x the 8 NHV floor (pass A, one recompute, dX, dW). The dX partials over
+  `dx_splits` vocab splits are summed in a fixed order by torch.
+- With `lse=` given (from a no-grad pass with the same weights, `return_lse=True`) and no
+  entropy asked, pass A's GEMM is skipped: the forward is only the target dot product.
+  Asking for entropy needs pass A anyway: the given lse is then ignored and recomputed.
+
+Three backends behind the one function (DESIGN.md): `triton`, `torch` (chunked over rows,
+memory O(chunk x V); the CPU path) and `reference` (materializes logits; float64-capable).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._backend import interpreting, resolve_backend
+from ._checks import check_same_device, check_targets, check_tensor
+
+# ----------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_args(hidden, weight, targets, bias, temperature, ignore_index, lse):
+    check_tensor("hidden", hidden, ndim=2, float_=True)
+    check_tensor("weight", weight, ndim=2, float_=True)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[1] = {hidden.shape[1]}, got shape {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, float_=True)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be [V] with V = {weight.shape[0]}, got shape {tuple(bias.shape)}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if lse is not None:
+        check_tensor("lse", lse, ndim=1, float_=True)
+        if lse.numel() != hidden.shape[0]:
+            raise ValueError(f"lse must be [N] with N = {hidden.shape[0]}, got shape {tuple(lse.shape)}")
+    check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias, lse=lse)
+    check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation and outputs, fp64 when the inputs are fp64 (the reference's precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------
+# reference: materialize the logits (the spec)
+# ----------------------------------------------------------------------------------------
+
+
+def _reference(hidden, weight, targets, bias, temperature, ignore_index, want_entropy):
+    """Plain autograd: logits [N, V] in the input dtype, log_softmax in fp32 (fp64 for fp64)."""
+    logits = hidden @ weight.t()  # [N, V]
+    if bias is not None:
+        logits = logits + bias
+    z = logits.to(_acc_dtype(hidden.dtype)) / temperature  # [N, V]
+    logsm = torch.log_softmax(z, dim=-1)  # [N, V]
+    valid = targets != ignore_index  # [N]
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    logp = logsm.gather(1, safe[:, None]).squeeze(1)  # [N]
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    lse = torch.logsumexp(z, dim=-1)
+    lse = torch.where(valid, lse, torch.zeros_like(lse))
+    ent = None
+    if want_entropy:
+        ent = -(logsm.exp() * logsm).sum(-1)  # [N]
+        ent = torch.where(valid, ent, torch.zeros_like(ent))
+    return logp, ent, lse.detach()
+
+
+# ----------------------------------------------------------------------------------------
+# torch: chunked over rows, custom backward recomputing each chunk's logits
+# ----------------------------------------------------------------------------------------
+
+# Rows per chunk: a [chunk, V] fp32 block is the working set. Measured on a 2-core CPU at
+# V = 151936, H = 896, fp32 (benchmarks/bench_linear_policy_loss.py): see _pick_chunk.
+_TORCH_CHUNK_BYTES = int(os.environ.get("FASTRFT_LOGPROB_CHUNK_BYTES", 64 * 2**20))
+# MKL's sgemm takes another path below 16 rows, whose rounding differs (measured: 4e-5 at
+# H = 896); padding a short chunk to 16 rows keeps every row's logits bit-identical whatever
+# the batch (batch invariance).
+_MIN_GEMM_ROWS = 16
+
+
+def _pick_chunk(vocab: int) -> int:
+    # 64 MiB of fp32 logits = 110 rows at V = 151936: the chunk's logits and probabilities
+    # stay near the last-level cache while the GEMM still has enough rows to run at speed.
+    rows = _TORCH_CHUNK_BYTES // (4 * max(vocab, 1))
+    return max(_MIN_GEMM_ROWS, min(1024, rows))
+
+
+def _chunk_logits(xc, weight, bias, inv_t, acc):
+    """z = (xc @ weight.T + bias) / T for one chunk, in `acc` dtype; pads to 16 rows (see above)."""
+    c = xc.shape[0]
+    if c < _MIN_GEMM_ROWS:
+        xc = torch.cat([xc, xc.new_zeros(_MIN_GEMM_ROWS - c, xc.shape[1])])
+    if bias is not None:
+        z = torch.addmm(bias, xc, weight.t())  # [C, V]
+    else:
+        z = xc @ weight.t()  # [C, V]
+    z = z[:c]
+    if z.dtype != acc:
+        z = z.to(acc)
+    else:
+        z = z.contiguous()
+    if inv_t != 1.0:
+        z.mul_(inv_t)
+    return z
+
+
+def _target_logit(x, weight, bias, tgt, inv_t, acc):
+    """z[target] = (x . w[target] + b[target]) / T per row: [M] in `acc` dtype.
+
+    A row dot product (fixed order over H, independent of the batch), used by the full pass
+    and the lse-reuse pass alike so both give the same bits.
+    """
+    wt = weight.index_select(0, tgt)  # [M, H]
+    zt = (x.to(acc) * wt.to(acc)).sum(-1)  # [M]
+    if bias is not None:
+        zt = zt + bias.index_select(0, tgt).to(acc)
+    return zt * inv_t
+
+
+def _torch_stats(x, weight, bias, inv_t, want_entropy):
+    """lse [M] and E[z] [M] (or None) chunk by chunk; never more than [chunk, V] alive."""
+    acc = _acc_dtype(x.dtype)
+    m, vocab = x.shape[0], weight.shape[0]
+    lse = torch.empty(m, dtype=acc, device=x.device)
+    ez = torch.empty(m, dtype=acc, device=x.device) if want_entropy else None
+    chunk = _pick_chunk(vocab)
+    for i in range(0, m, chunk):
+        z = _chunk_logits(x[i : i + chunk], weight, bias, inv_t, acc)  # [C, V]
+        mx = z.amax(dim=1, keepdim=True)  # [C, 1]
+        if want_entropy:
+            p = torch.sub(z, mx).exp_()  # [C, V], unnormalized
+            s = p.sum(1)  # [C]
+            lse[i : i + chunk] = mx.squeeze(1) + s.log()
+            ez[i : i + chunk] = (p.mul_(z)).sum(1) / s
+        else:
+            lse[i : i + chunk] = torch.logsumexp(z, dim=1)
+    return lse, ez
+
+
+def _torch_backward(x, weight, bias, tgt, lse, ez, g_lp, g_ent, inv_t, need_x, need_w, need_b):
+    """dX [M, H], dW [V, H], db [V] (acc dtype) by recomputing each chunk's logits."""
+    acc = _acc_dtype(x.dtype)
+    m, vocab = x.shape[0], weight.shape[0]
+    dx = torch.empty(m, x.shape[1], dtype=x.dtype, device=x.device) if need_x else None
+    dw = torch.zeros(vocab, x.shape[1], dtype=acc, device=x.device) if need_w else None
+    db = torch.zeros(vocab, dtype=acc, device=x.device) if need_b else None
+    chunk = _pick_chunk(vocab)
+    for i in range(0, m, chunk):
+        xc = x[i : i + chunk]  # [C, H]
+        c = xc.shape[0]
+        z = _chunk_logits(xc, weight, bias, inv_t, acc)  # [C, V]
+        zc = z if g_ent is None else z.clone()
+        p = z.sub_(lse[i : i + chunk, None]).exp_()  # [C, V] softmax, in place of z
+        gl = g_lp[i : i + chunk]  # [C]
+        if g_ent is None:
+            dl = p.mul_(-gl[:, None])  # [C, V]
+        else:
+            # dH/dz = -p (z - E[z]); the logp term adds g (onehot - p)
+            ge = g_ent[i : i + chunk]
+            dl = zc.sub_(ez[i : i + chunk, None]).mul_(ge[:, None]).add_(gl[:, None]).mul_(p).neg_()
+        rows = torch.arange(c, device=x.device)
+        dl[rows, tgt[i : i + chunk]] += gl
+        if inv_t != 1.0:
+            dl.mul_(inv_t)
+        dlc = dl if dl.dtype == x.dtype else dl.to(x.dtype)  # plain PyTorch's grad dtype
+        if need_x:
+            dx[i : i + chunk] = dlc @ weight  # [C, H]
+        if need_w:
+            if dlc.dtype == acc:
+                dw.addmm_(dlc.t(), xc)  # [V, H] += [V, C] @ [C, H]
+            else:
+                dw.add_(dlc.t() @ xc)
+        if need_b:
+            db.add_(dl.sum(0))
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------
+# triton kernels
+# ----------------------------------------------------------------------------------------
+
+# Columns of the vocabulary per pass-A program: a function of V only, never of N, so a row's
+# reduction order is the same in every batch. 2048 = 16 blocks of 128: at V = 151936 there are
+# 75 splits, so even one row block fills 75 SMs.
+_V_PER_SPLIT = 2048
+# Blocks used under TRITON_INTERPRET=1 (small, so that the test shapes cross every boundary).
+INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, V_PER_SPLIT=64, DX_SPLITS=2)
+
+try:  # triton is optional on CPU-only machines: the torch path needs none of it
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    _HAVE_TRITON = False
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _logits_tile(
+        X, W, B, rows, cols, row_mask, col_mask, H, stride_xn, stride_xh, stride_wv, stride_wh, inv_temp,
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """z = (X[rows] @ W[cols].T + B[cols]) / T as a [BLOCK_N, BLOCK_V] fp32 tile; -inf past V."""
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        offs_h = tl.arange(0, BLOCK_H)
+        x_ptrs = X + rows[:, None] * stride_xn + offs_h[None, :] * stride_xh  # [BN, BH]
+        w_ptrs = W + cols[None, :] * stride_wv + offs_h[:, None] * stride_wh  # [BH, BV]
+        for h0 in range(0, H, BLOCK_H):
+            h_mask = (h0 + offs_h) < H
+            x = tl.load(x_ptrs, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=h_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+            x_ptrs += BLOCK_H * stride_xh
+            w_ptrs += BLOCK_H * stride_wh
+        if HAS_BIAS:
+            b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+            acc += b[None, :]
+        z = acc * inv_temp
+        return tl.where(col_mask[None, :], z, float("-inf"))
+
+    @triton.jit
+    def _fwd_partial_kernel(
+        X, W, B, ROWS, M_PART, S_PART, A_PART,
+        M, H, V, V_PER_SPLIT,
+        stride_xn, stride_xh, stride_wv, stride_wh,
+        inv_temp,
+        HAS_BIAS: tl.constexpr, WANT_ENT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Pass A: per (row block, vocab split) the online max m, sum e^(z-m), sum e^(z-m)(z-m)."""
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = offs_n < M
+        rows = tl.load(ROWS + offs_n, mask=row_mask, other=0).to(tl.int64)  # hidden row of each
+        m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        a_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        v_start = split * V_PER_SPLIT
+        v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+        for v0 in range(v_start, v_end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < v_end
+            z = _logits_tile(
+                X, W, B, rows, cols.to(tl.int64), row_mask, col_mask, H, stride_xn, stride_xh, stride_wv,
+                stride_wh, inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION,
+            )
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))  # finite: every tile has a column < V
+            alpha = tl.exp(m_i - m_new)  # 0 on the first tile (m_i = -inf)
+            e = tl.exp(z - m_new[:, None])  # [BN, BV], 0 past V
+            if WANT_ENT:
+                # rebase a to the new max: sum e^(z-m_new)(z-m_new) = alpha (a + (m - m_new) s);
+                # s == 0 exactly when m == -inf, where (m - m_new) s would be -inf * 0
+                shift = tl.where(s_i > 0, (m_i - m_new) * s_i, 0.0)
+                ez = tl.where(col_mask[None, :], e * (z - m_new[:, None]), 0.0)
+                a_i = alpha * (a_i + shift) + tl.sum(ez, axis=1)
+            s_i = alpha * s_i + tl.sum(e, axis=1)
+            m_i = m_new
+        out = split * M + offs_n
+        tl.store(M_PART + out, m_i, mask=row_mask)
+        tl.store(S_PART + out, s_i, mask=row_mask)
+        if WANT_ENT:
+            tl.store(A_PART + out, a_i, mask=row_mask)
+
+    @triton.jit
+    def _fwd_finalize_kernel(
+        M_PART, S_PART, A_PART, LSE, EZ, M, N_SPLITS,
+        WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """Merge the vocab splits of pass A in a fixed order: lse [M] and E[z] [M] (fp32)."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < M
+        mx = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+        for k in range(0, N_SPLITS):
+            mx = tl.maximum(mx, tl.load(M_PART + k * M + offs, mask=mask, other=0.0))
+        s = tl.zeros((BLOCK,), dtype=tl.float32)
+        a = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in range(0, N_SPLITS):
+            m_k = tl.load(M_PART + k * M + offs, mask=mask, other=0.0)
+            s_k = tl.load(S_PART + k * M + offs, mask=mask, other=1.0)  # padding rows: log(1), not log(0)
+            scale = tl.exp(m_k - mx)
+            s += scale * s_k
+            if WANT_ENT:
+                a_k = tl.load(A_PART + k * M + offs, mask=mask, other=0.0)
+                a += scale * (a_k + (m_k - mx) * s_k)
+        log_s = tl.log(s)
+        tl.store(LSE + offs, mx + log_s, mask=mask)
+        if WANT_ENT:
+            tl.store(EZ + offs, mx + a / s, mask=mask)  # E[z]; entropy = lse - E[z]
+
+    @triton.jit
+    def _target_logit_kernel(
+        X, W, B, ROWS, TGT, ZT, M, H,
+        stride_xn, stride_xh, stride_wv, stride_wh,
+        inv_temp,
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        """z[target] = (x . w[target] + b[target]) / T per row, a fixed-order dot over H."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = offs_n < M
+        rows = tl.load(ROWS + offs_n, mask=row_mask, other=0).to(tl.int64)
+        tgt = tl.load(TGT + offs_n, mask=row_mask, other=0).to(tl.int64)
+        offs_h = tl.arange(0, BLOCK_H)
+        acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + offs_h
+            msk = row_mask[:, None] & (h < H)[None, :]
+            x = tl.load(X + rows[:, None] * stride_xn + h[None, :] * stride_xh, mask=msk, other=0.0)
+            w = tl.load(W + tgt[:, None] * stride_wv + h[None, :] * stride_wh, mask=msk, other=0.0)
+            acc += x.to(tl.float32) * w.to(tl.float32)
+        zt = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            zt += tl.load(B + tgt, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(ZT + offs_n, zt * inv_temp, mask=row_mask)
+
+    @triton.jit
+    def _dlogits_tile(z, tgt, cols, row_mask, col_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT: tl.constexpr):
+        """dloss/dlogits for one tile, fp32: (g_lp (onehot - p) - g_ent p (z - E[z])) / T; 0 off the tile."""
+        p = tl.exp(z - lse[:, None])  # [BN, BV]
+        onehot = tgt[:, None] == cols[None, :]
+        dl = g_lp[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
+        if HAS_ENT:
+            dl -= g_ent[:, None] * p * (z - ez[:, None])
+        # padding rows/columns may hold inf * 0: zero them so they never reach dX or dW
+        return tl.where(row_mask[:, None] & col_mask[None, :], dl * inv_temp, 0.0)
+
+    @triton.jit
+    def _bwd_dx_kernel(
+        X, W, B, ROWS, TGT, LSE, EZ, G_LP, G_ENT, DX_PART,
+        M, H, V, V_PER_SPLIT,
+        stride_xn, stride_xh, stride_wv, stride_wh,
+        inv_temp,
+        HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """dX partial [split, M, H] fp32 (zero-filled by the caller): this program owns rows x split."""
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = offs_n < M
+        rows = tl.load(ROWS + offs_n, mask=row_mask, other=0).to(tl.int64)
+        tgt = tl.load(TGT + offs_n, mask=row_mask, other=0).to(tl.int64)
+        lse = tl.load(LSE + offs_n, mask=row_mask, other=0.0)
+        g_lp = tl.load(G_LP + offs_n, mask=row_mask, other=0.0)
+        if HAS_ENT:
+            ez = tl.load(EZ + offs_n, mask=row_mask, other=0.0)
+            g_ent = tl.load(G_ENT + offs_n, mask=row_mask, other=0.0)
+        else:
+            ez = lse
+            g_ent = g_lp
+        offs_h = tl.arange(0, BLOCK_H)
+        dx_rows = (split * M + offs_n).to(tl.int64)
+        v_start = split * V_PER_SPLIT
+        v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+        for v0 in range(v_start, v_end, BLOCK_V):
+            cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+            col_mask = cols < v_end
+            z = _logits_tile(
+                X, W, B, rows, cols, row_mask, col_mask, H, stride_xn, stride_xh, stride_wv, stride_wh,
+                inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION,
+            )
+            dl = _dlogits_tile(z, tgt, cols, row_mask, col_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT)
+            dl = dl.to(W.dtype.element_ty)  # the GEMM runs in the input dtype, as plain PyTorch's
+            for h0 in range(0, H, BLOCK_H):
+                h = h0 + offs_h
+                h_mask = h < H
+                w = tl.load(
+                    W + cols[:, None] * stride_wv + h[None, :] * stride_wh,
+                    mask=col_mask[:, None] & h_mask[None, :], other=0.0,
+                )  # [BV, BH]
+                ptrs = DX_PART + dx_rows[:, None] * H + h[None, :]
+                msk = row_mask[:, None] & h_mask[None, :]
+                acc = tl.load(ptrs, mask=msk, other=0.0)
+                acc = tl.dot(dl, w, acc, input_precision=PRECISION)
+                tl.store(ptrs, acc, mask=msk)
+
+    @triton.jit
+    def _bwd_dw_kernel(
+        X, W, B, ROWS, TGT, LSE, EZ, G_LP, G_ENT, DW, DB,
+        M, H, V,
+        stride_xn, stride_xh, stride_wv, stride_wh,
+        inv_temp,
+        HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, NEED_DB: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """dW [V, H] fp32 (zero-filled) and dbias [V] fp32: this program owns BLOCK_V vocab rows."""
+        cols = (tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < V
+        offs_h = tl.arange(0, BLOCK_H)
+        db = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        for n0 in range(0, M, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            row_mask = offs_n < M
+            rows = tl.load(ROWS + offs_n, mask=row_mask, other=0).to(tl.int64)
+            tgt = tl.load(TGT + offs_n, mask=row_mask, other=0).to(tl.int64)
+            lse = tl.load(LSE + offs_n, mask=row_mask, other=0.0)
+            g_lp = tl.load(G_LP + offs_n, mask=row_mask, other=0.0)
+            if HAS_ENT:
+                ez = tl.load(EZ + offs_n, mask=row_mask, other=0.0)
+                g_ent = tl.load(G_ENT + offs_n, mask=row_mask, other=0.0)
+            else:
+                ez = lse
+                g_ent = g_lp
+            z = _logits_tile(
+                X, W, B, rows, cols, row_mask, col_mask, H, stride_xn, stride_xh, stride_wv, stride_wh,
+                inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION,
+            )
+            dl = _dlogits_tile(z, tgt, cols, row_mask, col_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT)
+            if NEED_DB:
+                db += tl.sum(dl, axis=0)
+            dlt = tl.trans(dl.to(X.dtype.element_ty))  # [BV, BN]
+            for h0 in range(0, H, BLOCK_H):
+                h = h0 + offs_h
+                h_mask = h < H
+                x = tl.load(
+                    X + rows[:, None] * stride_xn + h[None, :] * stride_xh,
+                    mask=row_mask[:, None] & h_mask[None, :], other=0.0,
+                )  # [BN, BH]
+                ptrs = DW + cols[:, None] * H + h[None, :]
+                msk = col_mask[:, None] & h_mask[None, :]
+                acc = tl.load(ptrs, mask=msk, other=0.0)
+                acc = tl.dot(dlt, x, acc, input_precision=PRECISION)
+                tl.store(ptrs, acc, mask=msk)
+        if NEED_DB:
+            tl.store(DB + cols, db, mask=col_mask)
+
+    # Autotuned wrappers (GPU). Keyed on H and V only: the config, hence every row's
+    # reduction order, never depends on the number of rows (batch invariance within a
+    # process). Every BLOCK_V divides _V_PER_SPLIT.
+    def _configs(kind):
+        out = []
+        for bn, bv, bh, warps, stages in (
+            (64, 128, 64, 4, 3),
+            (128, 128, 64, 8, 3),
+            (64, 256, 64, 8, 3),
+            (128, 128, 32, 4, 4),
+        ):
+            if kind == "dw":  # tile roles swap: BLOCK_V is the owned dimension
+                bn, bv = bv, bn
+            out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh), num_warps=warps, num_stages=stages))
+        return out
+
+    def _prune(configs, named_args, **kwargs):
+        # a BLOCK_H wider than H (rounded to 16) only wastes registers; keep at least one
+        h = named_args["H"]
+        kept = [c for c in configs if c.kwargs["BLOCK_H"] <= max(16, triton.next_power_of_2(h))]
+        return kept or configs[:1]
+
+    _fwd_partial_tuned = triton.autotune(
+        configs=_configs("fwd"), key=["H", "V"], prune_configs_by={"early_config_prune": _prune}
+    )(_fwd_partial_kernel)
+    _bwd_dx_tuned = triton.autotune(
+        configs=_configs("dx"), key=["H", "V"], prune_configs_by={"early_config_prune": _prune},
+        reset_to_zero=["DX_PART"],
+    )(_bwd_dx_kernel)
+    _bwd_dw_tuned = triton.autotune(
+        configs=_configs("dw"), key=["H", "V"], prune_configs_by={"early_config_prune": _prune},
+        reset_to_zero=["DW"],
+    )(_bwd_dw_kernel)
+
+
+def _precision(dtype) -> str:
+    # fp32 inputs follow torch's own matmul setting: IEEE unless the user allowed TF32
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _check_triton(dtype):
+    if not _HAVE_TRITON:
+        raise RuntimeError("backend 'triton' needs the triton package, which is not installed")
+    if dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"hidden must be float16, bfloat16 or float32 on the triton backend, got {dtype}")
+
+
+def _triton_target_logit(hidden, weight, bias, rows, tgt, inv_t):
+    m, h = rows.numel(), hidden.shape[1]
+    zt = torch.full((m,), float("nan"), dtype=torch.float32, device=hidden.device)
+    block_n, block_h = 16, 16 if interpreting() else 64
+    _target_logit_kernel[(triton.cdiv(m, block_n),)](
+        hidden, weight, bias if bias is not None else weight, rows, tgt, zt, m, h,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), inv_t,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_H=block_h,
+    )
+    return zt
+
+
+def _triton_stats(hidden, weight, bias, rows, inv_t, want_entropy):
+    """Pass A + finalize: lse [M] fp32 and E[z] [M] fp32 (or None)."""
+    m, h = rows.numel(), hidden.shape[1]
+    vocab = weight.shape[0]
+    dev = hidden.device
+    interp = interpreting()
+    v_per_split = INTERPRETER_BLOCKS["V_PER_SPLIT"] if interp else _V_PER_SPLIT
+    n_splits = triton.cdiv(vocab, v_per_split)
+    # partials are fully written by pass A; NaN-filled so a missed store shows
+    m_part = torch.full((n_splits, m), float("nan"), dtype=torch.float32, device=dev)
+    s_part = torch.full_like(m_part, float("nan"))
+    a_part = torch.full_like(m_part, float("nan")) if want_entropy else m_part
+    common = (
+        hidden, weight, bias if bias is not None else weight, rows, m_part, s_part, a_part,
+        m, h, vocab, v_per_split,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), inv_t,
+    )
+    flags = dict(HAS_BIAS=bias is not None, WANT_ENT=want_entropy, PRECISION=_precision(hidden.dtype))
+    if interp:
+        blocks = {k: INTERPRETER_BLOCKS[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
+        _fwd_partial_kernel[(triton.cdiv(m, blocks["BLOCK_N"]), n_splits)](*common, **flags, **blocks)
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), n_splits)  # noqa: E731
+        _fwd_partial_tuned[grid](*common, **flags)
+    lse = torch.full((m,), float("nan"), dtype=torch.float32, device=dev)
+    ez = torch.full((m,), float("nan"), dtype=torch.float32, device=dev) if want_entropy else lse
+    block = 128
+    _fwd_finalize_kernel[(triton.cdiv(m, block),)](
+        m_part, s_part, a_part, lse, ez, m, n_splits, WANT_ENT=want_entropy, BLOCK=block
+    )
+    return lse, (ez if want_entropy else None)
+
+
+def _dx_splits(m: int, vocab: int, device) -> int:
+    """Vocab splits of the dX kernel: enough programs to fill the GPU when rows are few.
+
+    Each split adds an fp32 [M, H] partial (at M = 1024, H = 4096: 16 MiB), so at most 8.
+    """
+    if interpreting():
+        return INTERPRETER_BLOCKS["DX_SPLITS"]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_blocks = triton.cdiv(m, 64)
+    want = triton.cdiv(2 * sms, row_blocks)
+    return max(1, min(8, want, triton.cdiv(vocab, _V_PER_SPLIT)))
+
+
+def _triton_backward(hidden, weight, bias, rows, tgt, lse, ez, g_lp, g_ent, inv_t, need_x, need_w, need_b):
+    """dX [M, H] (hidden dtype), dW [V, H] fp32, db [V] fp32: two deterministic kernels."""
+    m, h = rows.numel(), hidden.shape[1]
+    vocab = weight.shape[0]
+    dev = hidden.device
+    interp = interpreting()
+    has_ent = g_ent is not None
+    b_arg = bias if bias is not None else weight
+    ez_arg = ez if has_ent else lse
+    ge_arg = g_ent if has_ent else g_lp
+    strides = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
+    flags = dict(HAS_BIAS=bias is not None, HAS_ENT=has_ent, PRECISION=_precision(hidden.dtype))
+    blocks = {k: INTERPRETER_BLOCKS[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
+    dx = dw = db = None
+    if need_x:
+        v_per_split = INTERPRETER_BLOCKS["V_PER_SPLIT"] if interp else _V_PER_SPLIT
+        n_splits = _dx_splits(m, vocab, dev)
+        # each split covers ceil(V / n_splits) columns rounded up to whole split units
+        cols_per = triton.cdiv(triton.cdiv(vocab, n_splits), v_per_split) * v_per_split
+        n_splits = triton.cdiv(vocab, cols_per)
+        part = torch.zeros((n_splits, m, h), dtype=torch.float32, device=dev)  # read-modify-written
+        args = (hidden, weight, b_arg, rows, tgt, lse, ez_arg, g_lp, ge_arg, part, m, h, vocab, cols_per,
+                *strides, inv_t)
+        if interp:
+            _bwd_dx_kernel[(triton.cdiv(m, blocks["BLOCK_N"]), n_splits)](*args, **flags, **blocks)
+        else:
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), n_splits)  # noqa: E731
+            _bwd_dx_tuned[grid](*args, **flags)
+        dx = part.sum(0).to(hidden.dtype)  # fixed-order sum over splits: deterministic
+    if need_w or need_b:
+        dw_buf = torch.zeros((vocab, h), dtype=torch.float32, device=dev)
+        db = torch.full((vocab,), float("nan"), dtype=torch.float32, device=dev) if need_b else dw_buf
+        args = (hidden, weight, b_arg, rows, tgt, lse, ez_arg, g_lp, ge_arg, dw_buf, db, m, h, vocab,
+                *strides, inv_t)
+        if interp:
+            _bwd_dw_kernel[(triton.cdiv(vocab, blocks["BLOCK_V"]),)](*args, **flags, NEED_DB=need_b, **blocks)
+        else:
+            grid = lambda meta: (triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
+            _bwd_dw_tuned[grid](*args, **flags, NEED_DB=need_b)
+        dw = dw_buf if need_w else None
+        db = db if need_b else None
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------
+
+
+def _stats(backend, hidden, weight, bias, x_or_rows, inv_t, want_entropy):
+    if backend == "triton":
+        return _triton_stats(hidden, weight, bias, x_or_rows, inv_t, want_entropy)
+    return _torch_stats(x_or_rows, weight, bias, inv_t, want_entropy)
+
+
+class _LinearLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, lse_in, temperature, ignore_index, want_entropy, backend):
+        n = hidden.shape[0]
+        acc = _acc_dtype(hidden.dtype)
+        dev = hidden.device
+        inv_t = 1.0 / float(temperature)
+        # the one host sync: the kernels' grid needs the number of completion rows
+        rows = torch.nonzero(targets != ignore_index).squeeze(1)  # [M] int64
+        tgt = targets.index_select(0, rows).long()  # [M]
+        m = rows.numel()
+        logp = torch.zeros(n, dtype=acc, device=dev)
+        ent = torch.zeros(n, dtype=acc, device=dev) if want_entropy else None
+        lse_full = torch.zeros(n, dtype=acc, device=dev)
+        lse = ez = x = None
+        if m > 0:
+            if backend == "triton":
+                rows_k = rows.to(torch.int32) if n < 2**31 else rows
+                tgt_k = tgt
+                zt = _triton_target_logit(hidden, weight, bias, rows_k, tgt_k, inv_t)
+                if lse_in is not None and not want_entropy:
+                    lse = lse_in.index_select(0, rows).to(torch.float32)
+                else:
+                    lse, ez = _triton_stats(hidden, weight, bias, rows_k, inv_t, want_entropy)
+                saved_rows = rows_k
+            else:
+                x = hidden.index_select(0, rows)  # [M, H]
+                zt = _target_logit(x, weight, bias, tgt, inv_t, acc)
+                if lse_in is not None and not want_entropy:
+                    lse = lse_in.index_select(0, rows).to(acc)
+                else:
+                    lse, ez = _torch_stats(x, weight, bias, inv_t, want_entropy)
+                saved_rows = rows
+            # logp <= 0 and entropy >= 0 hold exactly; rounding may cross by ~1 ulp of lse
+            logp.index_copy_(0, rows, torch.clamp(zt - lse, max=0.0))
+            lse_full.index_copy_(0, rows, lse)
+            if want_entropy:
+                ent.index_copy_(0, rows, torch.clamp(lse - ez, min=0.0))
+        else:
+            saved_rows = rows
+        ctx.set_materialize_grads(False)  # an unused entropy output costs no backward work
+        ctx.backend, ctx.inv_t, ctx.n, ctx.m = backend, inv_t, n, m
+        ctx.want_entropy = want_entropy
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(hidden, weight, bias, saved_rows, tgt, x, lse, ez)
+        ctx.mark_non_differentiable(lse_full)
+        return logp, ent, lse_full
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, _g_lse):
+        hidden, weight, bias, rows, tgt, x, lse, ez = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dh = dw = db = None
+        if ctx.m == 0 or g_logp is None and g_ent is None:
+            if need_x:
+                dh = torch.zeros_like(hidden)
+            if need_w:
+                dw = torch.zeros_like(weight)
+            if need_b:
+                db = torch.zeros_like(bias)
+            return dh, dw, db, None, None, None, None, None, None
+        acc = _acc_dtype(hidden.dtype)
+        rows_l = rows.long()
+        g_lp = (g_logp if g_logp is not None else torch.zeros(ctx.n, device=hidden.device, dtype=acc))
+        g_lp = g_lp.index_select(0, rows_l).to(acc).contiguous()  # [M]
+        ge = None
+        if ctx.want_entropy and g_ent is not None:
+            ge = g_ent.index_select(0, rows_l).to(acc).contiguous()  # [M]
+        if ge is not None and ez is None:  # cannot happen: entropy always runs pass A
+            raise RuntimeError("entropy gradient without E[z]")
+        if ctx.backend == "triton":
+            dx, dwf, dbf = _triton_backward(
+                hidden, weight, bias, rows, tgt, lse, ez, g_lp, ge, ctx.inv_t, need_x, need_w, need_b
+            )
+        else:
+            dx, dwf, dbf = _torch_backward(
+                x, weight, bias, tgt, lse, ez, g_lp, ge, ctx.inv_t, need_x, need_w, need_b
+            )
+        if need_x:
+            dh = torch.zeros_like(hidden)
+            dh.index_copy_(0, rows_l, dx.to(hidden.dtype))
+        if need_w:
+            dw = dwf.to(weight.dtype)
+        if need_b:
+            db = dbf.to(bias.dtype)
+        return dh, dw, db, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------
+
+
+def linear_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    lse: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Log-probability of each target token under softmax((hidden @ weight.T + bias) / temperature).
+
+    Args:
+        hidden: [N, H] float16 / bfloat16 / float32 (float64 on the torch and reference backends).
+        weight: [V, H], the LM head, same dtype as hidden.
+        targets: [N] int64 (or int32) token ids in [0, V), or `ignore_index`.
+        bias: optional [V], same dtype.
+        temperature: positive float; the logits are divided by it (as TRL does).
+        ignore_index: rows with this target cost nothing and get logp = entropy = 0.
+        return_entropy: also return the entropy [N] of each row's distribution.
+        lse: optional [N] float32 log-sum-exp of z = logits / temperature for these rows, from an
+            earlier call with the same hidden, weight, bias and temperature (`return_lse=True`,
+            typically the no-grad old-logprob pass of an on-policy step). It skips pass A's GEMM:
+            the forward is only the target dot product. It is taken as a constant (no gradient flows
+            into it). With `return_entropy=True` pass A must run anyway, and `lse` is ignored.
+        return_lse: also return that lse [N] float32 (0 at ignored rows; never differentiable).
+
+    Returns:
+        logp [N] float32 (float64 for float64 inputs), or a tuple (logp, entropy?, lse?) in that
+        order when `return_entropy` / `return_lse` ask for them. Differentiable w.r.t. hidden,
+        weight and bias through logp and entropy.
+    """
+    _check_args(hidden, weight, targets, bias, temperature, ignore_index, lse)
+    backend = resolve_backend(hidden.device)
+    if backend == "reference":
+        logp, ent, lse_out = _reference(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
+    else:
+        if backend == "triton":
+            _check_triton(hidden.dtype)
+        logp, ent, lse_out = _LinearLogprob.apply(
+            hidden, weight, bias, targets, lse, float(temperature), ignore_index, return_entropy, backend
+        )
+    if not return_entropy and not return_lse:
+        return logp
+    out = (logp,)
+    if return_entropy:
+        out += (ent,)
+    if return_lse:
+        out += (lse_out,)
+    return out
+
+
+def aot_configs():
+    """Every shipped Triton configuration x dtype, for ahead-of-time compilation checks."""
+    from .aot import AOTKernel  # written by the lead; imported lazily
+
+    out = []
+    dtypes = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16}
+    for tdt in dtypes:
+        prec = "ieee"  # torch's default for fp32 matmuls; half dtypes ignore it
+        for has_ent in (False, True):
+            for cfg in _configs("fwd"):
+                sig = {
+                    "X": tdt, "W": tdt, "B": tdt, "ROWS": "*i32", "M_PART": "*fp32", "S_PART": "*fp32",
+                    "A_PART": "*fp32", "M": "i32", "H": "i32", "V": "i32", "V_PER_SPLIT": "i32",
+                    "stride_xn": "i64", "stride_xh": "i64", "stride_wv": "i64", "stride_wh": "i64",
+                    "inv_temp": "fp32", "HAS_BIAS": "constexpr", "WANT_ENT": "constexpr",
+                    "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr",
+                    "PRECISION": "constexpr",
+                }
+                out.append(AOTKernel(
+                    name=f"linear_logprob_fwd_{tdt[1:]}_ent{int(has_ent)}_{_cfg_name(cfg)}",
+                    fn=_fwd_partial_kernel, signature=sig,
+                    constexprs=dict(HAS_BIAS=True, WANT_ENT=has_ent, PRECISION=prec, **cfg.kwargs),
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                ))
+            bwd_sig = {
+                "X": tdt, "W": tdt, "B": tdt, "ROWS": "*i32", "TGT": "*i64", "LSE": "*fp32", "EZ": "*fp32",
+                "G_LP": "*fp32", "G_ENT": "*fp32",
+            }
+            for cfg in _configs("dx"):
+                sig = dict(bwd_sig, DX_PART="*fp32", M="i32", H="i32", V="i32", V_PER_SPLIT="i32",
+                           stride_xn="i64", stride_xh="i64", stride_wv="i64", stride_wh="i64",
+                           inv_temp="fp32", HAS_BIAS="constexpr", HAS_ENT="constexpr", BLOCK_N="constexpr",
+                           BLOCK_V="constexpr", BLOCK_H="constexpr", PRECISION="constexpr")
+                out.append(AOTKernel(
+                    name=f"linear_logprob_bwd_dx_{tdt[1:]}_ent{int(has_ent)}_{_cfg_name(cfg)}",
+                    fn=_bwd_dx_kernel, signature=sig,
+                    constexprs=dict(HAS_BIAS=True, HAS_ENT=has_ent, PRECISION=prec, **cfg.kwargs),
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                ))
+            for cfg in _configs("dw"):
+                sig = dict(bwd_sig, DW="*fp32", DB="*fp32", M="i32", H="i32", V="i32",
+                           stride_xn="i64", stride_xh="i64", stride_wv="i64", stride_wh="i64",
+                           inv_temp="fp32", HAS_BIAS="constexpr", HAS_ENT="constexpr", NEED_DB="constexpr",
+                           BLOCK_N="constexpr", BLOCK_V="constexpr", BLOCK_H="constexpr", PRECISION="constexpr")
+                out.append(AOTKernel(
+                    name=f"linear_logprob_bwd_dw_{tdt[1:]}_ent{int(has_ent)}_{_cfg_name(cfg)}",
+                    fn=_bwd_dw_kernel, signature=sig,
+                    constexprs=dict(HAS_BIAS=True, HAS_ENT=has_ent, NEED_DB=True, PRECISION=prec, **cfg.kwargs),
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                ))
+    for tdt in dtypes:
+        out.append(AOTKernel(
+            name=f"linear_logprob_target_{tdt[1:]}", fn=_target_logit_kernel,
+            signature={"X": tdt, "W": tdt, "B": tdt, "ROWS": "*i32", "TGT": "*i64", "ZT": "*fp32", "M": "i32",
+                       "H": "i32", "stride_xn": "i64", "stride_xh": "i64", "stride_wv": "i64", "stride_wh": "i64",
+                       "inv_temp": "fp32", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_H": "constexpr"},
+            constexprs=dict(HAS_BIAS=True, BLOCK_N=16, BLOCK_H=64), num_warps=4, num_stages=1,
+        ))
+    out.append(AOTKernel(
+        name="linear_logprob_finalize", fn=_fwd_finalize_kernel,
+        signature={"M_PART": "*fp32", "S_PART": "*fp32", "A_PART": "*fp32", "LSE": "*fp32", "EZ": "*fp32",
+                   "M": "i32", "N_SPLITS": "i32", "WANT_ENT": "constexpr", "BLOCK": "constexpr"},
+        constexprs=dict(WANT_ENT=True, BLOCK=128), num_warps=4, num_stages=1,
+    ))
+    return out
+
+
+def _cfg_name(cfg) -> str:
+    k = cfg.kwargs
+    return f"n{k['BLOCK_N']}v{k['BLOCK_V']}h{k['BLOCK_H']}w{cfg.num_warps}s{cfg.num_stages}"
