@@ -32,6 +32,8 @@ from __future__ import annotations
 import numbers
 
 import torch
+import triton
+import triton.language as tl
 
 from ._backend import interpreting, resolve_backend
 from ._checks import check_same_device, check_tensor
@@ -203,104 +205,91 @@ def _batch_std(rz, valid):
 
 _SCALE_CODE = {"group": 0, "batch": 1, "none": 2}
 
-_kernel = None
-
-
 def _empty(shape, fill, *, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _get_kernel():
-    """Build the Triton kernel on first use, so importing this module never imports triton."""
-    global _kernel
-    if _kernel is not None:
-        return _kernel
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _group_advantages_kernel(
-        rewards_ptr,  # [B] fp32
-        perm_ptr,  # [B] int64: members in group order (unused when CONTIGUOUS)
-        starts_ptr,  # [n_groups + 1] int32: group k is perm[starts[k]:starts[k+1]] (unused when CONTIGUOUS)
-        batch_std_ptr,  # [1] fp32: std over all valid rewards (read when SCALE == 1)
-        out_ptr,  # [B] fp32
-        group_size,  # i32: G when CONTIGUOUS
-        eps,  # fp32
-        CONTIGUOUS: tl.constexpr,
-        SCALE: tl.constexpr,  # 0 group, 1 batch, 2 none
-        RLOO: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        g = tl.program_id(0)
+@triton.jit
+def _group_advantages_kernel(
+    rewards_ptr,  # [B] fp32
+    perm_ptr,  # [B] int64: members in group order (unused when CONTIGUOUS)
+    starts_ptr,  # [n_groups + 1] int32: group k is perm[starts[k]:starts[k+1]] (unused when CONTIGUOUS)
+    batch_std_ptr,  # [1] fp32: std over all valid rewards (read when SCALE == 1)
+    out_ptr,  # [B] fp32
+    group_size,  # i32: G when CONTIGUOUS
+    eps,  # fp32
+    CONTIGUOUS: tl.constexpr,
+    SCALE: tl.constexpr,  # 0 group, 1 batch, 2 none
+    RLOO: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    g = tl.program_id(0)
+    if CONTIGUOUS:
+        start = g * group_size
+        end = start + group_size
+    else:
+        start = tl.load(starts_ptr + g)
+        end = tl.load(starts_ptr + g + 1)
+    offs = tl.arange(0, BLOCK)
+    # pass 1: count, sum, max and min of the valid (non-NaN) members
+    count = tl.zeros([BLOCK], dtype=tl.float32)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    hi = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    lo = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+    for i in range(start, end, BLOCK):
+        pos = i + offs
+        inb = pos < end
         if CONTIGUOUS:
-            start = g * group_size
-            end = start + group_size
+            idx = pos.to(tl.int64)
         else:
-            start = tl.load(starts_ptr + g)
-            end = tl.load(starts_ptr + g + 1)
-        offs = tl.arange(0, BLOCK)
-        # pass 1: count, sum, max and min of the valid (non-NaN) members
-        count = tl.zeros([BLOCK], dtype=tl.float32)
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-        hi = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        lo = tl.full([BLOCK], float("inf"), dtype=tl.float32)
-        for i in range(start, end, BLOCK):
-            pos = i + offs
-            inb = pos < end
-            if CONTIGUOUS:
-                idx = pos.to(tl.int64)
-            else:
-                idx = tl.load(perm_ptr + pos, mask=inb, other=0)
-            r = tl.load(rewards_ptr + idx, mask=inb, other=float("nan"))
-            ok = r == r  # False for NaN (unscorable) and out-of-range lanes
-            count += ok.to(tl.float32)
-            total += tl.where(ok, r, 0.0)
-            hi = tl.maximum(hi, tl.where(ok, r, float("-inf")))
-            lo = tl.minimum(lo, tl.where(ok, r, float("inf")))
-        n = tl.sum(count, axis=0)
-        s = tl.sum(total, axis=0)
-        mean = s / tl.maximum(n, 1.0)
-        informative = (n > 1.0) & (tl.max(hi, axis=0) > tl.min(lo, axis=0))
-        # as a [BLOCK] mask: the interpreter cannot `&` a 0-d bool with a block of them
-        keep = (tl.zeros([BLOCK], dtype=tl.float32) + informative.to(tl.float32)) > 0.5
-        inv = 1.0
-        if not RLOO:
-            if SCALE == 0:
-                # pass 2: the group's unbiased std, from deviations (two passes: no cancellation)
-                ss = tl.zeros([BLOCK], dtype=tl.float32)
-                for i in range(start, end, BLOCK):
-                    pos = i + offs
-                    inb = pos < end
-                    if CONTIGUOUS:
-                        idx = pos.to(tl.int64)
-                    else:
-                        idx = tl.load(perm_ptr + pos, mask=inb, other=0)
-                    r = tl.load(rewards_ptr + idx, mask=inb, other=float("nan"))
-                    d = tl.where(r == r, r - mean, 0.0)
-                    ss += d * d
-                std = tl.sqrt(tl.sum(ss, axis=0) / tl.maximum(n - 1.0, 1.0))
-                inv = 1.0 / (std + eps)
-            elif SCALE == 1:
-                inv = 1.0 / (tl.load(batch_std_ptr) + eps)
-        # pass 3: write
-        for i in range(start, end, BLOCK):
-            pos = i + offs
-            inb = pos < end
-            if CONTIGUOUS:
-                idx = pos.to(tl.int64)
-            else:
-                idx = tl.load(perm_ptr + pos, mask=inb, other=0)
-            r = tl.load(rewards_ptr + idx, mask=inb, other=float("nan"))
-            if RLOO:
-                adv = r - (s - r) / tl.maximum(n - 1.0, 1.0)
-            else:
-                adv = (r - mean) * inv
-            adv = tl.where((r == r) & keep, adv, 0.0)
-            tl.store(out_ptr + idx, adv, mask=inb)
+            idx = tl.load(perm_ptr + pos, mask=inb, other=0)
+        r = tl.load(rewards_ptr + idx, mask=inb, other=float("nan"))
+        ok = r == r  # False for NaN (unscorable) and out-of-range lanes
+        count += ok.to(tl.float32)
+        total += tl.where(ok, r, 0.0)
+        hi = tl.maximum(hi, tl.where(ok, r, float("-inf")))
+        lo = tl.minimum(lo, tl.where(ok, r, float("inf")))
+    n = tl.sum(count, axis=0)
+    s = tl.sum(total, axis=0)
+    mean = s / tl.maximum(n, 1.0)
+    informative = (n > 1.0) & (tl.max(hi, axis=0) > tl.min(lo, axis=0))
+    # as a [BLOCK] mask: the interpreter cannot `&` a 0-d bool with a block of them
+    keep = (tl.zeros([BLOCK], dtype=tl.float32) + informative.to(tl.float32)) > 0.5
+    inv = 1.0
+    if not RLOO:
+        if SCALE == 0:
+            # pass 2: the group's unbiased std, from deviations (two passes: no cancellation)
+            ss = tl.zeros([BLOCK], dtype=tl.float32)
+            for i in range(start, end, BLOCK):
+                pos = i + offs
+                inb = pos < end
+                if CONTIGUOUS:
+                    idx = pos.to(tl.int64)
+                else:
+                    idx = tl.load(perm_ptr + pos, mask=inb, other=0)
+                r = tl.load(rewards_ptr + idx, mask=inb, other=float("nan"))
+                d = tl.where(r == r, r - mean, 0.0)
+                ss += d * d
+            std = tl.sqrt(tl.sum(ss, axis=0) / tl.maximum(n - 1.0, 1.0))
+            inv = 1.0 / (std + eps)
+        elif SCALE == 1:
+            inv = 1.0 / (tl.load(batch_std_ptr) + eps)
+    # pass 3: write
+    for i in range(start, end, BLOCK):
+        pos = i + offs
+        inb = pos < end
+        if CONTIGUOUS:
+            idx = pos.to(tl.int64)
+        else:
+            idx = tl.load(perm_ptr + pos, mask=inb, other=0)
+        r = tl.load(rewards_ptr + idx, mask=inb, other=float("nan"))
+        if RLOO:
+            adv = r - (s - r) / tl.maximum(n - 1.0, 1.0)
+        else:
+            adv = (r - mean) * inv
+        adv = tl.where((r == r) & keep, adv, 0.0)
+        tl.store(out_ptr + idx, adv, mask=inb)
 
-    _kernel = _group_advantages_kernel
-    return _kernel
 
 
 def _triton(rewards, group_size, group_ids, scale, estimator, eps):
@@ -332,7 +321,7 @@ def _triton(rewards, group_size, group_ids, scale, estimator, eps):
         grid = n
         group_size = 0
         contiguous = False
-    _get_kernel()[(grid,)](
+    _group_advantages_kernel[(grid,)](
         r, perm, starts, batch_std, out, group_size, eps,
         CONTIGUOUS=contiguous, SCALE=_SCALE_CODE[scale], RLOO=estimator == "rloo", BLOCK=_BLOCK,
         num_warps=4,
@@ -347,7 +336,7 @@ def aot_configs():
     """
     from .aot import AOTKernel
 
-    kernel = _get_kernel()
+    kernel = _group_advantages_kernel
     signature = {
         "rewards_ptr": "*fp32",
         "perm_ptr": "*i64",
