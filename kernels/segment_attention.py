@@ -1,0 +1,568 @@
+"""Packed attention driven by a segment table: vision and text tokens, shared prompts, in one kernel.
+
+    out = segment_attention(q, k, v, segments)            # q [T, Hq, D], k/v [T, Hk, D]
+    out = varlen_attention(q, k, v, cu_seqlens_q, ...)    # flash_attn_varlen_func semantics
+
+Each query attends to the union of the keys the entries of `segments` holding it let it
+see (see `segments.py` for the exact semantics; overlapping entries are deduplicated, a key
+counts once). A query that sees no key outputs 0 and has lse = -inf.
+
+Three backends (DESIGN.md):
+- triton: online-softmax forward over a per-q-block list of key blocks (`Segments.plan`),
+  each flagged full (no mask evaluated) or masked (the OR of the q-block's entries);
+  tiles nobody sees are never visited. Backward: dK/dV per key block over the transposed
+  lists, summing the GQA group's query heads inside the program; dQ per query block in a
+  separate pass. No atomics anywhere, so gradients are bitwise deterministic.
+  Head dims that are not a power of 2 (72, 80, 96: Qwen2.5-VL's vision tower uses 80)
+  are padded to the next power of 2 with load/store masks.
+- torch: chunks of 128 queries, each against the key span its entries cover, with a
+  custom backward that recomputes the probabilities from the saved lse (as the kernel
+  does). Peak extra memory is one chunk's [Hq, 128, span] fp32 scores instead of the
+  [Hq, T, T] a dense mask costs (T = 4096, Hq = 16: 1 GiB dense vs 32 MiB per chunk at a
+  4096-token span), and autograd saves only q, k, v, out and lse.
+- reference: a dense [Tq, Tk] mask in float64; the spec for tests.
+
+Outputs: `out` has q's dtype (it feeds the next layer, as flash-attn's does); `lse` is
+fp32 [Hq, Tq] (natural log). Both are differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._backend import resolve_backend
+from ._checks import check_cu_seqlens, check_same_device, check_tensor
+from .segments import CAUSAL, Segments, segments_from_cu_seqlens
+
+_LOG2E = 1.4426950408889634
+# Tiles: 64 x 64 keeps the dK/dV accumulators (2 x [64, 128] fp32) in registers at D = 128
+# with 8 warps, and wastes at most 63 rows on a boundary; see aot_configs().
+BLOCK_Q = 64
+BLOCK_K = 64
+# torch path: queries per chunk (scores [Hq, 128, span] fp32 at a time).
+TORCH_CHUNK = 128
+_MAX_HEAD_DIM = 256
+
+try:  # triton is optional on CPU-only installs; the torch and reference paths never need it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None
+
+
+# =============================================================================== triton kernels
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
+        # Triton 3.9's interpreter multiplies bf16 tiles as their raw uint16 bits (numpy has
+        # no bf16); under it only, bf16 operands go up to fp32 first: the products are exact
+        # either way, so the result matches the GPU's bf16 MMA with fp32 accumulation.
+        if INTERP_BF16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+    @triton.jit
+    def _tile_mask(SEG, ENT, n_ent, offs_q, offs_k):
+        """[BLOCK_Q, BLOCK_K] bool: OR over the q-block's entries of (row in entry, column in
+        entry, and for causal entries column - row <= k_end - q_end)."""
+        rows = offs_q[:, None]
+        cols = offs_k[None, :]
+        mask = (rows < 0) & (cols < 0)
+        for i in range(0, n_ent):
+            e = tl.load(ENT + i)
+            qs = tl.load(SEG + e * 5 + 0)
+            qe = tl.load(SEG + e * 5 + 1)
+            ks = tl.load(SEG + e * 5 + 2)
+            ke = tl.load(SEG + e * 5 + 3)
+            kind = tl.load(SEG + e * 5 + 4)
+            m = (rows >= qs) & (rows < qe) & (cols >= ks) & (cols < ke)
+            m = m & ((kind == 0) | ((cols - rows) <= (ke - qe)))
+            mask = mask | m
+        return mask
+
+    @triton.jit
+    def _seg_attn_fwd_kernel(
+        Q, K, V, O, LSE,
+        SEG, Q_TILES, Q_COUNT, Q_ENT, Q_ECOUNT,
+        Tq, Tk, qk_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        stride_tiles, stride_ent,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        INTERP_BF16: tl.constexpr,
+    ):
+        qb = tl.program_id(0)
+        h = tl.program_id(1)
+        hk = h // GROUP
+        offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)  # [BQ]
+        offs_d = tl.arange(0, BLOCK_D)  # [BD]
+        d_ok = offs_d < HEAD_DIM
+        q_ok = offs_q < Tq
+        q_ptr = Q + offs_q[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptr, mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # [BQ, BD]
+
+        m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)  # running max, base-2 units
+        l_i = tl.zeros([BLOCK_Q], tl.float32)
+        acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+        n_tiles = tl.load(Q_COUNT + qb)
+        n_ent = tl.load(Q_ECOUNT + qb)
+        for t in range(0, n_tiles):
+            code = tl.load(Q_TILES + qb * stride_tiles + t)
+            kb = code // 2
+            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+            kv_mask = (offs_k < Tk)[:, None] & d_ok[None, :]
+            k = tl.load(K + offs_k[:, None].to(tl.int64) * stride_kt + hk * stride_kh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)  # [BK, BD]
+            v = tl.load(V + offs_k[:, None].to(tl.int64) * stride_vt + hk * stride_vh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)  # [BK, BD]
+            s = _dot(q, tl.trans(k), DOT_PRECISION, INTERP_BF16) * qk_scale  # [BQ, BK]
+            if code % 2 == 1:  # boundary tile: evaluate the mask
+                mask = _tile_mask(SEG, Q_ENT + qb * stride_ent, n_ent, offs_q, offs_k)
+                s = tl.where(mask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row that has seen no key yet keeps m = -inf; subtract 0 there so no inf - inf
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])  # [BQ, BK]
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, INTERP_BF16)
+            m_i = m_new
+
+        seen = l_i > 0.0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        o_ptr = O + offs_q[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + h.to(tl.int64) * Tq + offs_q, lse, mask=q_ok)
+
+    @triton.jit
+    def _seg_attn_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV,
+        SEG, K_TILES, K_COUNT, Q_ENT, Q_ECOUNT,
+        Tq, Tk, qk_scale, sm_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+        stride_tiles, stride_ent,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        INTERP_BF16: tl.constexpr,
+    ):
+        kb = tl.program_id(0)
+        hk = tl.program_id(1)
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        k_ok = offs_k < Tk
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + offs_k[:, None].to(tl.int64) * stride_kt + hk * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)  # [BK, BD]
+        v = tl.load(V + offs_k[:, None].to(tl.int64) * stride_vt + hk * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)  # [BK, BD]
+        dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+        n_tiles = tl.load(K_COUNT + kb)
+        for g in range(0, GROUP):  # the GQA group's query heads, summed here: no atomics
+            h = hk * GROUP + g
+            for t in range(0, n_tiles):
+                code = tl.load(K_TILES + kb * stride_tiles + t)
+                qb = code // 2
+                offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)  # [BQ]
+                q_ok = offs_q < Tq
+                qd_mask = q_ok[:, None] & d_ok[None, :]
+                q = tl.load(Q + offs_q[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
+                            mask=qd_mask, other=0.0)  # [BQ, BD]
+                do = tl.load(DO + offs_q[:, None].to(tl.int64) * stride_dot + h * stride_doh + offs_d[None, :],
+                             mask=qd_mask, other=0.0)  # [BQ, BD]
+                lse2 = tl.load(LSE + h.to(tl.int64) * Tq + offs_q, mask=q_ok, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTA + h.to(tl.int64) * Tq + offs_q, mask=q_ok, other=0.0)  # [BQ]
+                s = _dot(q, tl.trans(k), DOT_PRECISION, INTERP_BF16) * qk_scale  # [BQ, BK]
+                p = tl.math.exp2(s - lse2[:, None])
+                if code % 2 == 1:
+                    n_ent = tl.load(Q_ECOUNT + qb)
+                    mask = _tile_mask(SEG, Q_ENT + qb * stride_ent, n_ent, offs_q, offs_k)
+                    p = tl.where(mask, p, 0.0)
+                dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, INTERP_BF16)
+                dp = _dot(do, tl.trans(v), DOT_PRECISION, INTERP_BF16)  # [BQ, BK]
+                ds = p * (dp - delta[:, None])
+                dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, INTERP_BF16)
+        dk = dk * sm_scale
+        tl.store(DK + offs_k[:, None].to(tl.int64) * stride_dkt + hk * stride_dkh + offs_d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + offs_k[:, None].to(tl.int64) * stride_dvt + hk * stride_dvh + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _seg_attn_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ,
+        SEG, Q_TILES, Q_COUNT, Q_ENT, Q_ECOUNT,
+        Tq, Tk, qk_scale, sm_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dqt, stride_dqh,
+        stride_tiles, stride_ent,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        INTERP_BF16: tl.constexpr,
+    ):
+        qb = tl.program_id(0)
+        h = tl.program_id(1)
+        hk = h // GROUP
+        offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        q_ok = offs_q < Tq
+        qd_mask = q_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + offs_q[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=qd_mask, other=0.0)  # [BQ, BD]
+        do = tl.load(DO + offs_q[:, None].to(tl.int64) * stride_dot + h * stride_doh + offs_d[None, :],
+                     mask=qd_mask, other=0.0)  # [BQ, BD]
+        lse2 = tl.load(LSE + h.to(tl.int64) * Tq + offs_q, mask=q_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + h.to(tl.int64) * Tq + offs_q, mask=q_ok, other=0.0)
+        dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+        n_tiles = tl.load(Q_COUNT + qb)
+        n_ent = tl.load(Q_ECOUNT + qb)
+        for t in range(0, n_tiles):
+            code = tl.load(Q_TILES + qb * stride_tiles + t)
+            kb = code // 2
+            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            kv_mask = (offs_k < Tk)[:, None] & d_ok[None, :]
+            k = tl.load(K + offs_k[:, None].to(tl.int64) * stride_kt + hk * stride_kh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)  # [BK, BD]
+            v = tl.load(V + offs_k[:, None].to(tl.int64) * stride_vt + hk * stride_vh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)  # [BK, BD]
+            s = _dot(q, tl.trans(k), DOT_PRECISION, INTERP_BF16) * qk_scale  # [BQ, BK]
+            p = tl.math.exp2(s - lse2[:, None])
+            if code % 2 == 1:
+                mask = _tile_mask(SEG, Q_ENT + qb * stride_ent, n_ent, offs_q, offs_k)
+                p = tl.where(mask, p, 0.0)
+            dp = _dot(do, tl.trans(v), DOT_PRECISION, INTERP_BF16)  # [BQ, BK]
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, INTERP_BF16)
+        dq = dq * sm_scale
+        tl.store(DQ + offs_q[:, None].to(tl.int64) * stride_dqt + h * stride_dqh + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+def _launch_meta(q: torch.Tensor) -> dict:
+    D = q.shape[-1]
+    return dict(
+        HEAD_DIM=D,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_Q=BLOCK_Q,
+        BLOCK_K=BLOCK_K,
+        # fp32 inputs are held to 1e-5 relative error: tf32 (10-bit mantissa) would give ~1e-3
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INTERP_BF16=q.dtype == torch.bfloat16 and q.device.type != "cuda",
+    )
+
+
+def _warps(kernel: str, block_d: int) -> int:
+    # dK/dV holds 2 fp32 [64, BD] accumulators: 8 warps keep them at 32 registers each at BD = 128
+    if kernel == "dkdv":
+        return 8 if block_d >= 128 else 4
+    return 4
+
+
+def _triton_forward(q, k, v, plan, scale):
+    Tq, Hq, D = q.shape
+    Tk, Hk, _ = k.shape
+    out = torch.empty_like(q)  # [Tq, Hq, D]
+    lse = torch.empty(Hq, Tq, dtype=torch.float32, device=q.device)  # [Hq, Tq]
+    meta = _launch_meta(q)
+    grid = (plan.n_qblocks, Hq)
+    _seg_attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        plan.table, plan.q_tiles, plan.q_count, plan.q_entries, plan.q_ecount,
+        Tq, Tk, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        plan.q_tiles.stride(0), plan.q_entries.stride(0),
+        GROUP=Hq // Hk, **meta, num_warps=_warps("fwd", meta["BLOCK_D"]), num_stages=2,
+    )
+    return out, lse
+
+
+def _triton_backward(q, k, v, out, lse, dout, dlse, plan, scale):
+    Tq, Hq, D = q.shape
+    Tk, Hk, _ = k.shape
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    # delta_i = sum_d dO * O (minus dlse: d lse_i / d s_ij = p_ij folds into the same term)
+    delta = (dout.float() * out.float()).sum(-1).transpose(0, 1).contiguous()  # [Hq, Tq]
+    if dlse is not None:
+        delta = delta - dlse.float()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    meta = _launch_meta(q)
+    _seg_attn_bwd_dkdv_kernel[(plan.n_kblocks, Hk)](
+        q, k, v, dout, lse, delta, dk, dv,
+        plan.table, plan.k_tiles, plan.k_count, plan.q_entries, plan.q_ecount,
+        Tq, Tk, scale * _LOG2E, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        plan.k_tiles.stride(0), plan.q_entries.stride(0),
+        GROUP=Hq // Hk, **meta, num_warps=_warps("dkdv", meta["BLOCK_D"]), num_stages=2,
+    )
+    _seg_attn_bwd_dq_kernel[(plan.n_qblocks, Hq)](
+        q, k, v, dout, lse, delta, dq,
+        plan.table, plan.q_tiles, plan.q_count, plan.q_entries, plan.q_ecount,
+        Tq, Tk, scale * _LOG2E, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
+        dq.stride(0), dq.stride(1),
+        plan.q_tiles.stride(0), plan.q_entries.stride(0),
+        GROUP=Hq // Hk, **meta, num_warps=_warps("dq", meta["BLOCK_D"]), num_stages=2,
+    )
+    return dq, dk, dv
+
+
+class _TritonSegmentAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):
+        out, lse = _triton_forward(q, k, v, plan, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _triton_backward(q, k, v, out, lse, dout, dlse, ctx.plan, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+# =============================================================================== torch path
+def _chunk_mask(segments: Segments, sel: list[int], q0: int, q1: int, k0: int, k1: int, device) -> torch.Tensor:
+    """[q1-q0, k1-k0] bool: OR over the selected entries (the same rule as `_tile_mask`)."""
+    rows = torch.arange(q0, q1, device=device)[:, None]  # [c, 1]
+    cols = torch.arange(k0, k1, device=device)[None, :]  # [1, L]
+    mask = torch.zeros(q1 - q0, k1 - k0, dtype=torch.bool, device=device)
+    host = segments._host
+    for e in sel:
+        qs, qe, ks, ke, kind = (int(x) for x in host[e])
+        m = (rows >= qs) & (rows < qe) & (cols >= ks) & (cols < ke)
+        if kind == CAUSAL:
+            m &= (cols - rows) <= (ke - qe)
+        mask |= m
+    return mask
+
+
+def _torch_chunk_scores(q, k, c, scale, mask):
+    """Scores of one chunk, fp32, masked: [Hk, G, c, L]."""
+    q0, q1, k0, k1 = c
+    Hk = k.shape[1]
+    qc = q[q0:q1].float().unflatten(1, (Hk, -1))  # [c, Hk, G, D]
+    kc = k[k0:k1].float()  # [L, Hk, D]
+    s = torch.einsum("chgd,lhd->hgcl", qc, kc) * scale  # [Hk, G, c, L]
+    return s.masked_fill(~mask, float("-inf")), qc, kc
+
+
+class _TorchSegmentAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, segments, scale):
+        Tq, Hq, D = q.shape
+        Tk, Hk, _ = k.shape
+        out = torch.zeros(Tq, Hq, D, dtype=q.dtype, device=q.device)  # rows of no entry stay 0
+        lse = torch.full((Hq, Tq), float("-inf"), dtype=torch.float32, device=q.device)
+        for q0, q1, k0, k1, sel in segments.query_chunks(Tq, Tk, TORCH_CHUNK):
+            if not sel or k1 <= k0:
+                continue
+            mask = _chunk_mask(segments, sel, q0, q1, k0, k1, q.device)  # [c, L]
+            s, _, _ = _torch_chunk_scores(q, k, (q0, q1, k0, k1), scale, mask)
+            m = s.amax(-1, keepdim=True)  # [Hk, G, c, 1]
+            m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+            p = torch.exp(s - m)
+            l = p.sum(-1, keepdim=True)  # [Hk, G, c, 1]
+            vc = v[k0:k1].float()  # [L, Hk, D]
+            o = torch.einsum("hgcl,lhd->chgd", p / l.clamp_min(1e-30), vc)  # [c, Hk, G, D]
+            out[q0:q1] = o.flatten(1, 2).to(q.dtype)
+            lse[:, q0:q1] = (m + torch.log(l)).squeeze(-1).flatten(0, 1)  # log(0) = -inf: no key seen
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.segments, ctx.scale = segments, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        segments, scale = ctx.segments, ctx.scale
+        Tq, Hq, D = q.shape
+        Tk, Hk, _ = k.shape
+        G = Hq // Hk
+        if dout is None:
+            dout = torch.zeros_like(out)
+        delta = (dout.float() * out.float()).sum(-1).transpose(0, 1)  # [Hq, Tq]
+        if dlse is not None:
+            delta = delta - dlse.float()
+        dq = torch.zeros(Tq, Hq, D, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(Tk, Hk, D, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(Tk, Hk, D, dtype=torch.float32, device=q.device)
+        for q0, q1, k0, k1, sel in segments.query_chunks(Tq, Tk, TORCH_CHUNK):
+            if not sel or k1 <= k0:
+                continue
+            mask = _chunk_mask(segments, sel, q0, q1, k0, k1, q.device)
+            s, qc, kc = _torch_chunk_scores(q, k, (q0, q1, k0, k1), scale, mask)
+            lse_c = lse[:, q0:q1].reshape(Hk, G, -1, 1)  # [Hk, G, c, 1]
+            lse_c = torch.where(torch.isinf(lse_c), torch.zeros_like(lse_c), lse_c)
+            p = torch.exp(s - lse_c)  # masked entries: exp(-inf) = 0
+            vc = v[k0:k1].float()
+            doc = dout[q0:q1].float().unflatten(1, (Hk, G))  # [c, Hk, G, D]
+            dv[k0:k1] += torch.einsum("hgcl,chgd->lhd", p, doc)
+            dp = torch.einsum("chgd,lhd->hgcl", doc, vc)
+            ds = p * (dp - delta[:, q0:q1].reshape(Hk, G, -1, 1))  # [Hk, G, c, L]
+            dq[q0:q1] = (torch.einsum("hgcl,lhd->chgd", ds, kc) * scale).flatten(1, 2)
+            dk[k0:k1] += torch.einsum("hgcl,chgd->lhd", ds, qc) * scale
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+# =============================================================================== reference
+def _reference(q, k, v, segments: Segments, scale):
+    """Dense [Tq, Tk] mask, float64, plain autograd. The spec."""
+    Tq, Hq, D = q.shape
+    Tk, Hk, _ = k.shape
+    G = Hq // Hk
+    mask = segments.dense_mask(Tq, Tk, device=q.device)  # [Tq, Tk]
+    qf, kf, vf = q.double(), k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    s = torch.einsum("thd,shd->hts", qf, kf) * scale  # [Hq, Tq, Tk]
+    s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    l = e.sum(-1, keepdim=True)  # [Hq, Tq, 1]
+    out = torch.einsum("hts,shd->thd", e / l.clamp_min(1e-300), vf)
+    lse = torch.where(l > 0, m + torch.log(l.clamp_min(1e-300)), torch.full_like(l, float("-inf"))).squeeze(-1)
+    return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+# =============================================================================== public API
+def _check_qkv(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x, ndim=3, float_=True)
+    check_same_device(q=q, k=k, v=v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [T, Hk, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must share the head dim D, got {q.shape[2]} and {k.shape[2]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"q's heads ({q.shape[1]}) must be a multiple of k's heads ({k.shape[1]}) (GQA: query head h reads "
+            "kv head h // (Hq // Hk))"
+        )
+    if not 0 < q.shape[2] <= _MAX_HEAD_DIM:
+        raise ValueError(f"the head dim D must lie in [1, {_MAX_HEAD_DIM}], got {q.shape[2]}")
+
+
+def segment_attention(q, k, v, segments: Segments, *, softmax_scale: float | None = None, return_lse: bool = False):
+    """Packed attention over the union of the keys each query's entries let it see.
+
+    q: [Tq, Hq, D] fp16/bf16/fp32 (fp64 on the reference and torch backends);
+    k, v: [Tk, Hk, D], same dtype, Hq a multiple of Hk (GQA: query head h reads kv head
+    h // (Hq // Hk)); Tq = Tk = T for one packed sequence.
+    segments: `Segments` table over those token positions (see segments.py).
+    softmax_scale: defaults to 1 / sqrt(D).
+    Returns out [Tq, Hq, D] in q's dtype (0 for a query that sees no key), and with
+    return_lse also lse [Hq, Tq] fp32 (natural log, -inf for such a query).
+    D may be any size up to 256; the Triton kernels pad it to the next power of 2.
+    """
+    _check_qkv(q, k, v)
+    if not isinstance(segments, Segments):
+        raise TypeError(f"segments must be a fastrft_kernels.Segments, got {type(segments).__name__}")
+    Tq, Tk = q.shape[0], k.shape[0]
+    segments.check(Tq, Tk)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    backend = resolve_backend(q.device)
+    if backend == "reference":
+        out, lse = _reference(q, k, v, segments, scale)
+    elif backend == "torch":
+        out, lse = _TorchSegmentAttention.apply(q, k, v, segments, scale)
+    else:
+        if q.dtype == torch.float64:
+            raise TypeError("the triton backend takes float16, bfloat16 or float32 q/k/v, got float64")
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        plan = segments.plan(Tq, Tk, BLOCK_Q, BLOCK_K, q.device)
+        out, lse = _TritonSegmentAttention.apply(q, k, v, plan, scale)
+    return (out, lse) if return_lse else out
+
+
+def varlen_attention(
+    q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, max_seqlen_q=None, max_seqlen_k=None, causal=True, softmax_scale=None
+):
+    """flash_attn_varlen_func's semantics over `segment_attention`.
+
+    q: [Tq, Hq, D], k/v: [Tk, Hk, D]; cu_seqlens_q / cu_seqlens_k: [S+1] int32 (k defaults
+    to q's). Sequence s attends queries [cu_q[s], cu_q[s+1]) to keys [cu_k[s], cu_k[s+1]),
+    causal aligned bottom-right when `causal`. max_seqlen_q / max_seqlen_k are accepted for
+    signature compatibility and unused (the plan knows every length). Returns out [Tq, Hq, D].
+    The table is cached per cu_seqlens tensor object, so layers reusing one build it once.
+    """
+    _check_qkv(q, k, v)
+    cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    key = (id(cu_seqlens_q), id(cu_k), bool(causal), q.shape[0], k.shape[0])
+    cached = _VARLEN_CACHE.get("last")
+    if cached is not None and cached[0] == key and cached[1] is cu_seqlens_q and cached[2] is cu_k:
+        segments = cached[3]
+    else:
+        check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+        check_cu_seqlens(cu_k, k.shape[0], "cu_seqlens_k")
+        if cu_k.numel() != cu_seqlens_q.numel():
+            raise ValueError(
+                f"cu_seqlens_q and cu_seqlens_k must hold the same number of sequences, got "
+                f"{cu_seqlens_q.numel() - 1} and {cu_k.numel() - 1}"
+            )
+        if cu_k is cu_seqlens_q:
+            segments = segments_from_cu_seqlens(cu_seqlens_q, causal=causal)
+        else:
+            cq, ck = cu_seqlens_q.detach().cpu(), cu_k.detach().cpu()
+            kind = torch.full_like(cq[1:], CAUSAL if causal else 0)
+            segments = Segments(torch.stack([cq[:-1], cq[1:], ck[:-1], ck[1:], kind], 1).to(torch.int32).contiguous())
+        _VARLEN_CACHE["last"] = (key, cu_seqlens_q, cu_k, segments)
+    return segment_attention(q, k, v, segments, softmax_scale=softmax_scale)
+
+
+# one slot: the last cu_seqlens pair seen (a model's layers call with the same tensors)
+_VARLEN_CACHE: dict = {}
+
+
+# =============================================================================== AOT configs
+def aot_configs():
+    """Every shipped configuration: 3 kernels x 3 dtypes x head dims 64, 72, 80, 96, 128."""
+    from .aot import AOTKernel
+
+    out = []
+    for dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for D in (64, 72, 80, 96, 128):
+            BD = triton.next_power_of_2(D)
+            prec = "ieee" if dtype == torch.float32 else "tf32"
+            common = dict(GROUP=None, HEAD_DIM=D, BLOCK_D=BD, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, DOT_PRECISION=prec,
+                          INTERP_BF16=False)
+            ptr, i32 = f"*{ty}", "i32"
+            tables = {"SEG": "*i32", "Q_ENT": "*i32", "Q_ECOUNT": "*i32"}
+            strides_qkv = {n: i32 for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh")}
+            tail = {"stride_tiles": i32, "stride_ent": i32}
+            consts = {k: "constexpr" for k in common}
+            for group in (1, 8):  # 8: Qwen2.5-VL-3B text (16 q heads over 2 kv heads); 1: its vision tower
+                cx = dict(common, GROUP=group)
+                fwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", **{"SEG": "*i32", "Q_TILES": "*i32",
+                           "Q_COUNT": "*i32", "Q_ENT": "*i32", "Q_ECOUNT": "*i32"}, "Tq": i32, "Tk": i32,
+                           "qk_scale": "fp32", **strides_qkv, "stride_ot": i32, "stride_oh": i32, **tail, **consts}
+                dkdv_sig = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr,
+                            "DV": ptr, "SEG": "*i32", "K_TILES": "*i32", "K_COUNT": "*i32", **{k: tables[k] for k in
+                            ("Q_ENT", "Q_ECOUNT")}, "Tq": i32, "Tk": i32, "qk_scale": "fp32", "sm_scale": "fp32",
+                            **strides_qkv, "stride_dot": i32, "stride_doh": i32, "stride_dkt": i32, "stride_dkh": i32,
+                            "stride_dvt": i32, "stride_dvh": i32, **tail, **consts}
+                dq_sig = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ptr,
+                          "SEG": "*i32", "Q_TILES": "*i32", "Q_COUNT": "*i32", "Q_ENT": "*i32", "Q_ECOUNT": "*i32",
+                          "Tq": i32, "Tk": i32, "qk_scale": "fp32", "sm_scale": "fp32", **strides_qkv,
+                          "stride_dot": i32, "stride_doh": i32, "stride_dqt": i32, "stride_dqh": i32, **tail, **consts}
+                tag = f"{ty},D={D},G={group},BQ={BLOCK_Q},BK={BLOCK_K}"
+                out.append(AOTKernel(f"segment_attention_fwd[{tag}]", _seg_attn_fwd_kernel, fwd_sig, cx,
+                                     num_warps=_warps("fwd", BD), num_stages=2))
+                out.append(AOTKernel(f"segment_attention_bwd_dkdv[{tag}]", _seg_attn_bwd_dkdv_kernel, dkdv_sig, cx,
+                                     num_warps=_warps("dkdv", BD), num_stages=2))
+                out.append(AOTKernel(f"segment_attention_bwd_dq[{tag}]", _seg_attn_bwd_dq_kernel, dq_sig, cx,
+                                     num_warps=_warps("dq", BD), num_stages=2))
+    return out
