@@ -1,0 +1,827 @@
+"""`policy_loss`: the GRPO loss family (TRL's `_compute_loss`) on packed per-token log-probabilities.
+
+    loss, stats = policy_loss(logp, advantages, cu_seqlens, old_logp=..., ref_logp=..., config=LossConfig())
+
+Packed layout: `logp` [T] holds the completion tokens of S sequences back to back, sequence s
+being `logp[cu_seqlens[s]:cu_seqlens[s+1]]`. For one process and no gradient accumulation the
+loss equals trl 1.16 `GRPOTrainer._compute_loss` on the same batch padded to [S, max_len]
+(tests/test_trl_parity.py calls TRL's own code). Per token t of sequence s, with m_t the `mask`
+(False for tokens whose target is ignore_index, and nothing else: padding does not exist here):
+
+    log-ratio   lr_t = logp_t - old_t          (old = logp.detach() when old_logp is None: ratio 1, gradient flows)
+    ratio       c_t  = exp(lr_t)                token level
+                c_t  = exp(sum_s m lr / max(n_s, 1))   sequence level (GSPO), n_s = valid tokens of s
+    policy      clip (grpo, bnpo, dr_grpo, dapo, luspo):  -min(min(c, delta) A, clamp(c, 1-eps_low, 1+eps_high) A)
+                cispo: -sg(min(c, eps_high)) A logp     sapo: -sigmoid(tau (c - 1)) 4 / tau A, tau by sign(A)
+    per token   L_t = policy * entropy_mask * importance_sampling_ratio + beta * KL_t
+    KL          k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1,
+                times c when use_bias_correction_kl (TRL's order: the IS ratio and the entropy
+                mask multiply the policy term only, never the KL term)
+    loss        grpo, sapo: mean over s of (sum_s m L) / max(n_s, 1)     bnpo: sum m L / max(N, 1)
+                dr_grpo: sum m L / (S max_completion_length)   dapo, cispo: sum m L / max(num_items_in_batch, 1)
+                luspo: mean over s of sum_s m L           (N = valid tokens; empty sequences count in S)
+
+The loss is differentiable with respect to `logp` only; old_logp, ref_logp, entropy, advantages and
+the importance-sampling ratio are data. With S = 0 every denominator is clamped to 1: the loss is 0.
+Values of logp/old_logp/ref_logp at masked tokens never reach the loss (they are replaced by 0
+before any exp), so ignored rows may hold anything finite or not.
+
+Statistics (0-dim device tensors, TRL's metric names, no host sync):
+- `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`: TRL's fractions of
+  clipped ratios (computed on the ratio after the `delta` cap, as TRL does), a mean over valid
+  tokens, or over the S sequences when both the ratio (sequence level) and the advantages (per
+  sequence) are one per sequence (TRL's (B, 1) case). For cispo TRL logs `cispo_clip_ratio`
+  (ratio > eps_high with A > 0): it is reported as `high_mean` and `region_mean`, and `low_mean`
+  is 0. sapo has no hard clip: the three are NaN there (TRL logs none).
+- `kl`: the mean of the (bias-corrected) KL estimate over valid tokens; NaN without ref_logp
+  (with beta = 0, a given ref_logp still yields the statistic).
+- `entropy`: the mean of `entropy` over valid tokens; NaN when no entropy is given.
+- `ratio_mean`: the mean importance ratio before the delta cap, over valid tokens (per sequence at
+  the sequence level).
+
+Host reads: `policy_loss` validates `cu_seqlens` on the host once (`_checks.check_cu_seqlens`
+reads it: one sync per call). `policy_loss_with_grad(..., validate=False)` skips every check and
+never reads a tensor on the host; the fused `linear_policy_loss` validates once and calls it so.
+
+Backends:
+- `reference`: a Python loop over sequences, TRL's formulas verbatim on each, float64 for float64
+  logp; gradients by autograd. The spec.
+- `torch`: vectorized segment sums (`index_add`), fp32 (float64 for float64 logp), autograd.
+- `triton`: a `torch.autograd.Function` over one kernel, `_policy_loss_kernel`, launched twice with
+  one program per sequence looping its tokens in blocks of 512. Phase 0 (segmented reduction):
+  the valid count and sum of log-ratios (sequence level: the sequence's ratio), then the
+  sequence's sums of the per-token loss, of R_s = sum of dL_u/dc_s (the part of the gradient a
+  sequence ratio spreads over its tokens) and of the statistics. A handful of [S]-sized torch ops
+  on the device turn those into the normalizers ν_s, the loss and the statistics. Phase 1
+  (finalizer): the closed-form g_t = d loss / d logp_t through ratio, clip (torch's subgradients:
+  clamp's bounds inclusive, min's ties split half and half, as autograd of the reference gives),
+  KL and normalizer; at the sequence level g_t also gets ν_s c_s R_s m_t / max(n_s, 1). Backward is
+  `grad_out * g`. Both phases share one copy of the per-token algebra, so the loss and its
+  gradient cannot drift apart (and Triton helpers, which the AOT gate would list as kernels, are
+  not needed). One program per sequence leaves SMs idle when S < 132, but the work is O(T)
+  elementwise on [T] vectors (microseconds at T = 64k), next to an LM head of O(T V H).
+
+`policy_loss_with_grad(...)` (internal; same arguments, plus `validate`) returns (loss, stats,
+g_logp [T] fp32) with g_logp = d loss / d logp for every backend (torch and reference: autograd on
+a detached leaf; triton: kernel (b)). The fused LM-head loss consumes g_logp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import interpreting, resolve_backend
+from ._checks import check_cu_seqlens, check_same_device, check_tensor
+from .loss_config import LossConfig
+
+STAT_NAMES = (
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "kl",
+    "entropy",
+    "ratio_mean",
+)
+
+_CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    config: LossConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO-family loss of packed sequences (see the module docstring for the formulas).
+
+    Args:
+        logp: (T,), float16/bfloat16/float32/float64: log-probability of each completion token
+            under the policy being trained; the only differentiable input.
+        advantages: (S,) one per sequence, or (T,) one per token (S == T is read per sequence), float.
+        cu_seqlens: (S + 1,), int32: sequence boundaries (flash-attn's convention); read on the host.
+        old_logp: (T,), float, or None: log-probabilities under the policy that sampled (None: on-policy).
+        ref_logp: (T,), float, or None: reference-model log-probabilities; required when config.beta > 0.
+        entropy: (T,), float, or None: per-token entropy; required when config.top_entropy_quantile < 1.
+        importance_sampling_ratio: (T,), float, or None: rollout-engine correction multiplying the
+            policy term of each token (TRL's vLLM importance sampling).
+        mask: (T,), bool, or None: tokens that count (False where the target is ignore_index).
+        config: LossConfig.
+
+    Returns:
+        loss: 0-dim float32 (float64 for float64 logp on the torch and reference backends).
+        stats: dict of 0-dim tensors, keys STAT_NAMES (TRL's metric names plus `ratio_mean`).
+    """
+    _validate(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, importance_sampling_ratio, mask, config)
+    args = (logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, importance_sampling_ratio, mask, config)
+    backend = resolve_backend(logp.device)
+    if backend == "reference":
+        return _reference(*args)
+    if backend == "torch":
+        return _torch_loss(*args)
+    outs = _PolicyLossFunction.apply(*args)
+    return outs[0], dict(zip(STAT_NAMES, outs[1:]))
+
+
+def policy_loss_with_grad(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    config: LossConfig,
+    validate: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """(loss, stats, g_logp): `policy_loss` plus g_logp (T,) float32 = d loss / d logp, nothing retained.
+
+    Internal: for the fused LM-head loss, which turns g_logp into gradients of hidden and weight.
+    `validate=False` skips the argument checks, including the host read of cu_seqlens (the
+    caller has checked them once).
+    """
+    if validate:
+        _validate(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, importance_sampling_ratio, mask, config)
+    args = (advantages, cu_seqlens, old_logp, ref_logp, entropy, importance_sampling_ratio, mask, config)
+    backend = resolve_backend(logp.device)
+    if backend == "triton":
+        return _triton_forward(logp, *args, need_grad=True)
+    fn = _reference if backend == "reference" else _torch_loss
+    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    leaf = logp.detach().to(dtype).requires_grad_(True)  # [T]
+    with torch.enable_grad():
+        loss, stats = fn(leaf, *args)
+        (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+    if g is None:  # T == 0
+        g = torch.zeros_like(leaf)
+    return loss.detach(), stats, g
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def _validate(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config):
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a fastrft_kernels.LossConfig, got {type(config).__name__}")
+    check_tensor("logp", logp, ndim=1, float_=True)
+    T = logp.numel()
+    check_cu_seqlens(cu_seqlens, T)
+    S = cu_seqlens.numel() - 1
+    check_tensor("advantages", advantages, ndim=1, float_=True)
+    if advantages.numel() not in (S, T):
+        raise ValueError(
+            f"advantages must hold one value per sequence (S={S}) or per token (T={T}), got {advantages.numel()}"
+        )
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy),
+                    ("importance_sampling_ratio", isr)):
+        if x is not None:
+            check_tensor(name, x, ndim=1, float_=True)
+            if x.numel() != T:
+                raise ValueError(f"{name} must have one value per token (T={T}), got {x.numel()}")
+    if mask is not None:
+        check_tensor("mask", mask, ndim=1, dtype=torch.bool)
+        if mask.numel() != T:
+            raise ValueError(f"mask must have one value per token (T={T}), got {mask.numel()}")
+    if config.beta > 0 and ref_logp is None:
+        raise ValueError(f"ref_logp is required when config.beta > 0 (the KL penalty), got beta={config.beta} and "
+                         "ref_logp=None")
+    if config.top_entropy_quantile < 1.0 and entropy is None:
+        raise ValueError(
+            f"entropy (T,) is required when config.top_entropy_quantile < 1 (got {config.top_entropy_quantile}): "
+            "the high-entropy token mask is computed from it"
+        )
+    check_same_device(logp=logp, advantages=advantages, cu_seqlens=cu_seqlens, old_logp=old_logp,
+                      ref_logp=ref_logp, entropy=entropy, importance_sampling_ratio=isr, mask=mask)
+
+
+# ------------------------------------------------------------------------------------------- shared helpers
+
+
+def _high_entropy_mask(entropy, valid, quantile):
+    """TRL's `get_high_entropy_mask` (one process) without a host sync: tokens whose entropy is at
+    least the (1 - quantile) quantile of the valid tokens' entropies, valid tokens only.
+
+    torch.quantile needs the valid entries as their own tensor (a boolean index: a host sync);
+    instead invalid entries sort last as +inf and the rank (1 - q)(n - 1) of torch's linear
+    interpolation is formed on the device, in the same dtype and order of operations, so the
+    threshold is bit-identical to TRL's.
+    """
+    e = entropy.detach()
+    e = e.to(torch.float64 if e.dtype == torch.float64 else torch.float32)  # [T] TRL: .float()
+    T = e.numel()
+    if T == 0:
+        return valid.clone()
+    ordered = torch.sort(torch.where(valid, e, torch.full_like(e, math.inf))).values  # [T], valid first
+    last = (valid.sum() - 1).to(e.dtype)  # n - 1 (-1 when no token is valid: all-False mask below)
+    rank = (torch.tensor(1.0 - quantile, dtype=e.dtype, device=e.device) * last).clamp(min=0)  # 0-dim
+    below = rank.long().clamp(max=T - 1).reshape(1)  # [1]
+    above = rank.ceil().long().clamp(max=T - 1).reshape(1)  # [1]
+    threshold = torch.lerp(ordered.index_select(0, below), ordered.index_select(0, above), rank - below)  # [1]
+    return ((e * valid) >= threshold) & valid  # [T]
+
+
+def _segment_ids(cu_seqlens, T):
+    """(T,) int64 sequence index of each token, on the device (empty sequences own no token)."""
+    pos = torch.arange(T, dtype=torch.int32, device=cu_seqlens.device)  # [T]
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True)  # [T]
+
+
+def _normalizers(config, n_seq, dtype):
+    """ν_s (S,): the weight of sequence s's sum of m L in the loss (TRL's normalizers)."""
+    S = n_seq.numel()
+    S1 = max(S, 1)
+    lt = config.loss_type
+    if lt in ("grpo", "sapo"):
+        return 1.0 / (S1 * n_seq.clamp(min=1))
+    if lt == "bnpo":
+        den = n_seq.sum().clamp(min=1)
+    elif lt == "dr_grpo":
+        den = torch.tensor(float(S1 * config.max_completion_length), dtype=dtype, device=n_seq.device)
+    elif lt in ("dapo", "cispo"):
+        if config.num_items_in_batch is None:
+            den = n_seq.sum().clamp(min=1)
+        else:
+            den = torch.as_tensor(config.num_items_in_batch, device=n_seq.device).to(dtype).clamp(min=1)
+    else:  # luspo
+        den = torch.tensor(float(S1), dtype=dtype, device=n_seq.device)
+    return (1.0 / den).expand(S)
+
+
+def _nan(dtype, device):
+    return torch.full((), math.nan, dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------------------- reference
+
+
+def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config):
+    """The spec: TRL's `_compute_loss` formulas applied one sequence at a time."""
+    dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    device = logp.device
+    T = logp.numel()
+    cu = cu_seqlens.tolist()
+    S = len(cu) - 1
+    data = lambda x: None if x is None else x.detach().to(dt)  # noqa: E731
+    old, ref, isr_, adv = data(old_logp), data(ref_logp), data(isr), data(advantages)
+    lp_all = logp.to(dt)
+    m_all = torch.ones(T, dtype=torch.bool, device=device) if mask is None else mask
+    per_token_adv = adv.numel() == T and T != S
+    emask_all = None
+    if config.top_entropy_quantile < 1.0:
+        ent = entropy.detach().to(dt)
+        local = ent[m_all]
+        if local.numel() == 0:
+            emask_all = torch.zeros(T, dtype=torch.bool, device=device)
+        else:
+            thr = torch.quantile(local, 1 - config.top_entropy_quantile)
+            emask_all = ((ent * m_all) >= thr) & m_all
+    eps_low, eps_high = config.epsilon_low, config.epsilon_high
+    seq_loss, seq_n, seq_c1 = [], [], []
+    kl_parts, c1_parts, flags = [], [], []  # per token (or per sequence) pieces of the statistics
+    for s in range(S):
+        sl = slice(cu[s], cu[s + 1])
+        lp, m = lp_all[sl], m_all[sl].to(dt)
+        # TRL multiplies by the mask; zeroing masked entries first keeps garbage there out of exp
+        lp = torch.where(m > 0, lp, torch.zeros_like(lp))
+        o = lp.detach() if old is None else torch.where(m > 0, old[sl], torch.zeros_like(lp))
+        A = adv[sl] if per_token_adv else adv[s].expand(lp.shape)
+        log_ratio = lp - o
+        if config.importance_sampling_level == "token":
+            log_w = log_ratio
+        else:
+            log_w = ((log_ratio * m).sum() / m.sum().clamp(min=1.0)).reshape(1)
+        coef_1 = torch.exp(log_w)
+        per_token_kl = None
+        if ref is not None:
+            r = torch.where(m > 0, ref[sl], torch.zeros_like(lp))
+            if config.kl_estimator == "k1":
+                per_token_kl = lp - r
+            elif config.kl_estimator == "k2":
+                per_token_kl = 0.5 * (lp - r) ** 2
+            else:
+                per_token_kl = torch.exp(r - lp) - (r - lp) - 1
+            if config.use_bias_correction_kl:
+                per_token_kl = per_token_kl * coef_1
+        if config.loss_type == "cispo":
+            clamped = torch.clamp(coef_1, max=eps_high).detach()
+            per_token_loss = -clamped * A * lp
+            high = (coef_1 > eps_high) & (A > 0)
+            low = torch.zeros_like(high)
+        elif config.loss_type in _CLIP_TYPES:
+            coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+            if config.delta is not None:
+                coef_1 = torch.clamp(coef_1, max=config.delta)
+            per_token_loss = -torch.min(coef_1 * A, coef_2 * A)
+            low = (coef_1 < 1 - eps_low) & (A < 0)
+            high = (coef_1 > 1 + eps_high) & (A > 0)
+        else:  # sapo
+            tau = torch.where(A > 0, config.sapo_temperature_pos, config.sapo_temperature_neg).to(dt)
+            per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * A
+            low = high = None
+        per_token_loss = per_token_loss.expand(lp.shape)
+        if emask_all is not None:
+            per_token_loss = per_token_loss * emask_all[sl]
+        if isr_ is not None:
+            per_token_loss = per_token_loss * torch.where(m > 0, isr_[sl], torch.ones_like(lp))
+        if config.beta != 0.0:
+            per_token_loss = per_token_loss + config.beta * per_token_kl
+        seq_loss.append((per_token_loss * m).sum())
+        seq_n.append(m.sum())
+        seq_c1.append(torch.exp(log_w.detach()))
+        if per_token_kl is not None:
+            kl_parts.append((per_token_kl.detach() * m).sum())
+        if low is not None:
+            if config.importance_sampling_level == "sequence" and not per_token_adv:  # TRL's (B, 1) case
+                flags.append((low.to(dt).sum(), high.to(dt).sum(), torch.ones((), dtype=dt, device=device)))
+            else:
+                lw, hg = low.expand(lp.shape).to(dt), high.expand(lp.shape).to(dt)
+                flags.append(((lw * m).sum(), (hg * m).sum(), m.sum()))
+        if config.importance_sampling_level == "token":
+            c1_parts.append((torch.exp(log_w.detach()) * m).sum())
+        else:
+            c1_parts.append(torch.exp(log_w.detach()).sum())
+    zero = torch.zeros((), dtype=dt, device=device)
+    seq_loss = torch.stack(seq_loss) if S else zero.reshape(0)
+    seq_n = torch.stack(seq_n) if S else zero.reshape(0)
+    N = seq_n.sum()
+    lt = config.loss_type
+    if lt in ("grpo", "sapo"):
+        loss = (seq_loss / seq_n.clamp(min=1.0)).sum() / max(S, 1)
+    elif lt == "bnpo":
+        loss = seq_loss.sum() / N.clamp(min=1.0)
+    elif lt == "dr_grpo":
+        loss = seq_loss.sum() / (max(S, 1) * config.max_completion_length)
+    elif lt in ("dapo", "cispo"):
+        items = N if config.num_items_in_batch is None else torch.as_tensor(config.num_items_in_batch).to(dt)
+        loss = seq_loss.sum() / items.to(device).clamp(min=1.0)
+    else:  # luspo
+        loss = seq_loss.sum() / max(S, 1)
+    stats = {}
+    if config.loss_type == "sapo":
+        for k in STAT_NAMES[:3]:
+            stats[k] = _nan(dt, device)
+    else:
+        lo_sum = sum((f[0] for f in flags), zero)
+        hi_sum = sum((f[1] for f in flags), zero)
+        cnt = sum((f[2] for f in flags), zero).clamp(min=1.0)
+        stats["clip_ratio/low_mean"] = lo_sum / cnt
+        stats["clip_ratio/high_mean"] = hi_sum / cnt
+        stats["clip_ratio/region_mean"] = (lo_sum + hi_sum) / cnt
+    stats["kl"] = sum(kl_parts, zero) / N.clamp(min=1.0) if ref is not None else _nan(dt, device)
+    if entropy is not None:
+        stats["entropy"] = (entropy.detach().to(dt) * m_all).sum() / N.clamp(min=1.0)
+    else:
+        stats["entropy"] = _nan(dt, device)
+    ratio_den = N.clamp(min=1.0) if config.importance_sampling_level == "token" else max(S, 1)
+    stats["ratio_mean"] = sum(c1_parts, zero) / ratio_den
+    return loss, {k: stats[k] for k in STAT_NAMES}
+
+
+# ------------------------------------------------------------------------------------------- torch
+
+
+def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config):
+    """Vectorized over tokens and sequences (segment sums with index_add), differentiable in logp."""
+    dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    device = logp.device
+    T = logp.numel()
+    S = cu_seqlens.numel() - 1
+    sid = _segment_ids(cu_seqlens, T)  # [T]
+    m = torch.ones(T, dtype=torch.bool, device=device) if mask is None else mask  # [T]
+    mf = m.to(dt)  # [T]
+    zeros = torch.zeros(T, dtype=dt, device=device)  # [T]
+    seg_sum = lambda x: torch.zeros(S, dtype=dt, device=device).index_add(0, sid, x)  # noqa: E731  [T] -> [S]
+
+    lp = torch.where(m, logp.to(dt), zeros)  # [T] masked entries never reach an exp
+    old = lp.detach() if old_logp is None else torch.where(m, old_logp.detach().to(dt), zeros)  # [T]
+    adv = advantages.detach().to(dt)
+    per_seq_adv = adv.numel() == S
+    A = adv[sid] if per_seq_adv else adv  # [T]
+    n_seq = seg_sum(mf)  # [S]
+    N = n_seq.sum()
+    log_ratio = lp - old  # [T]
+    seq_level = config.importance_sampling_level == "sequence"
+    if seq_level:
+        log_w_seq = seg_sum(log_ratio * mf) / n_seq.clamp(min=1)  # [S]
+        coef_1 = torch.exp(log_w_seq)[sid]  # [T]
+    else:
+        coef_1 = torch.exp(log_ratio)  # [T]
+    eps_low, eps_high = config.epsilon_low, config.epsilon_high
+    per_token_kl = None
+    if ref_logp is not None:
+        ref = torch.where(m, ref_logp.detach().to(dt), zeros)  # [T]
+        if config.kl_estimator == "k1":
+            per_token_kl = lp - ref
+        elif config.kl_estimator == "k2":
+            per_token_kl = 0.5 * (lp - ref) ** 2
+        else:
+            per_token_kl = torch.exp(ref - lp) - (ref - lp) - 1
+        if config.use_bias_correction_kl:
+            per_token_kl = per_token_kl * coef_1  # [T]
+    capped = coef_1
+    if config.loss_type == "cispo":
+        per_token_loss = -torch.clamp(coef_1, max=eps_high).detach() * A * lp
+        low = torch.zeros(T, dtype=torch.bool, device=device)
+        high = (coef_1 > eps_high) & (A > 0)
+    elif config.loss_type in _CLIP_TYPES:
+        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+        if config.delta is not None:
+            capped = torch.clamp(coef_1, max=config.delta)
+        per_token_loss = -torch.min(capped * A, coef_2 * A)
+        low = (capped < 1 - eps_low) & (A < 0)
+        high = (capped > 1 + eps_high) & (A > 0)
+    else:  # sapo
+        pos = torch.tensor(config.sapo_temperature_pos, dtype=dt, device=device)
+        neg = torch.tensor(config.sapo_temperature_neg, dtype=dt, device=device)
+        tau = torch.where(A > 0, pos, neg)  # [T]
+        per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * A
+        low = high = None
+    if config.top_entropy_quantile < 1.0:
+        per_token_loss = per_token_loss * _high_entropy_mask(entropy, m, config.top_entropy_quantile)
+    if isr is not None:
+        per_token_loss = per_token_loss * torch.where(m, isr.detach().to(dt), torch.ones_like(zeros))
+    if config.beta != 0.0:
+        per_token_loss = per_token_loss + config.beta * per_token_kl
+    seq_loss = seg_sum(per_token_loss * mf)  # [S]
+    loss = (_normalizers(config, n_seq, dt) * seq_loss).sum()
+
+    stats = {}
+    Nc = N.clamp(min=1)
+    if low is None:
+        for k in STAT_NAMES[:3]:
+            stats[k] = _nan(dt, device)
+    elif seq_level and per_seq_adv:  # TRL's (B, 1) case: one flag per sequence, mean over S
+        first = cu_seqlens[:-1].long().clamp(max=max(T - 1, 0))  # [S] a token of each sequence
+        c1_s = torch.exp(log_w_seq.detach())  # [S]
+        if config.loss_type == "cispo":
+            lo_s = torch.zeros(S, dtype=torch.bool, device=device)
+            hi_s = (c1_s > eps_high) & (adv > 0)
+        else:
+            cap_s = c1_s if config.delta is None else c1_s.clamp(max=config.delta)
+            lo_s = (cap_s < 1 - eps_low) & (adv < 0)
+            hi_s = (cap_s > 1 + eps_high) & (adv > 0)
+        del first
+        S1 = max(S, 1)
+        stats["clip_ratio/low_mean"] = lo_s.to(dt).sum() / S1
+        stats["clip_ratio/high_mean"] = hi_s.to(dt).sum() / S1
+        stats["clip_ratio/region_mean"] = (lo_s | hi_s).to(dt).sum() / S1
+    else:
+        stats["clip_ratio/low_mean"] = (low.to(dt) * mf).sum() / Nc
+        stats["clip_ratio/high_mean"] = (high.to(dt) * mf).sum() / Nc
+        stats["clip_ratio/region_mean"] = ((low | high).to(dt) * mf).sum() / Nc
+    stats["kl"] = (per_token_kl.detach() * mf).sum() / Nc if per_token_kl is not None else _nan(dt, device)
+    stats["entropy"] = (
+        (torch.where(m, entropy.detach().to(dt), zeros)).sum() / Nc if entropy is not None else _nan(dt, device)
+    )
+    if seq_level:
+        stats["ratio_mean"] = torch.exp(log_w_seq.detach()).sum() / max(S, 1)
+    else:
+        stats["ratio_mean"] = (coef_1.detach() * mf).sum() / Nc
+    return loss, {k: stats[k] for k in STAT_NAMES}
+
+
+# ------------------------------------------------------------------------------------------- triton
+
+_POLICY_CODE = {"cispo": 1, "sapo": 2}  # every other loss type is the clip objective (0)
+_KL_CODE = {"k1": 1, "k2": 2, "k3": 3}
+_NCOL = 8  # columns of the per-sequence output of phase 0, see _policy_loss_kernel
+_BLOCK = 512  # tokens per loop step of a sequence program (completions run 100s-10,000s of tokens)
+
+
+@triton.jit
+def _policy_loss_kernel(
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, isr_ptr, emask_ptr, mask_ptr,  # [T] each (adv: [S] or [T])
+    cu_ptr,  # [S + 1] int32
+    seq_ptr,  # [S, NCOL] fp32, phase 0 out: n, mean log-ratio, sum mL, R = sum m dL/dc, sum mK, low, high, sum mc
+    coef_ptr,  # [S, 3] fp32, phase 1 in: ν_s, c_s (sequence ratio), ν_s c_s R_s / max(n_s, 1)
+    g_ptr,  # [T] fp32, phase 1 out: d loss / d logp
+    eps_low, eps_high, delta, beta, tau_pos, tau_neg,
+    PHASE: tl.constexpr,  # 0: per-sequence sums; 1: per-token gradient
+    POLICY: tl.constexpr,  # 0 clip, 1 cispo, 2 sapo
+    SEQ_LEVEL: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_IN_LOSS: tl.constexpr,
+    KL_EST: tl.constexpr, BIAS_CORR: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_EMASK: tl.constexpr, HAS_ISR: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
+    NCOL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per sequence, looping its tokens in blocks. The two phases share the per-token
+    algebra (one copy of it, so the loss and its gradient cannot drift apart)."""
+    s = tl.program_id(0)
+    start = tl.load(cu_ptr + s).to(tl.int64)
+    end = tl.load(cu_ptr + s + 1).to(tl.int64)
+    arange = tl.arange(0, BLOCK)
+    if ADV_PER_TOKEN:
+        seq_adv = 0.0
+    else:
+        seq_adv = tl.load(adv_ptr + s).to(tl.float32)
+    mean_lr = 0.0
+    c_seq = 1.0
+    nu = 1.0
+    g_seq = 0.0
+    if PHASE == 0:
+        if SEQ_LEVEL:
+            # pass 1: valid count and sum of log-ratios -> the sequence's ratio (GSPO)
+            n1 = tl.zeros([BLOCK], dtype=tl.float32)
+            lr1 = tl.zeros([BLOCK], dtype=tl.float32)
+            for i in range(start, end, BLOCK):
+                offs = i + arange
+                valid = offs < end
+                if HAS_MASK:
+                    valid = valid & (tl.load(mask_ptr + offs, mask=valid, other=0) != 0)
+                lp = tl.load(logp_ptr + offs, mask=valid, other=0.0)
+                if HAS_OLD:
+                    lr1 += lp - tl.load(old_ptr + offs, mask=valid, other=0.0)
+                n1 += valid.to(tl.float32)
+            mean_lr = tl.sum(lr1, axis=0) / tl.maximum(tl.sum(n1, axis=0), 1.0)
+            c_seq = tl.exp(mean_lr)
+    else:
+        nu = tl.load(coef_ptr + s * 3)
+        c_seq = tl.load(coef_ptr + s * 3 + 1)
+        g_seq = tl.load(coef_ptr + s * 3 + 2)
+    n_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    r_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    kl_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    low_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    high_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    c_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(start, end, BLOCK):
+        offs = i + arange
+        inb = offs < end
+        valid = inb
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + offs, mask=inb, other=0) != 0)
+        # masked-out tokens read lp = old = ref = 0 and isr = 1: whatever they hold never reaches an exp
+        lp = tl.load(logp_ptr + offs, mask=valid, other=0.0)
+        zero = tl.zeros_like(lp)
+        one = zero + 1.0
+        if ADV_PER_TOKEN:
+            A = tl.load(adv_ptr + offs, mask=valid, other=0.0)
+        else:
+            A = zero + seq_adv
+        w = one  # entropy mask x IS ratio: weights of the policy term only (TRL's order)
+        if HAS_ISR:
+            w = tl.load(isr_ptr + offs, mask=valid, other=1.0)
+        if HAS_EMASK:
+            w = tl.where(tl.load(emask_ptr + offs, mask=valid, other=0) != 0, w, 0.0)
+        if SEQ_LEVEL:
+            c1 = zero + c_seq
+        elif HAS_OLD:
+            c1 = tl.exp(lp - tl.load(old_ptr + offs, mask=valid, other=0.0))
+        else:
+            c1 = one  # exp(logp - logp.detach())
+        # policy term P, dP/dc (through the ratio) and dP/dlogp at a fixed ratio (cispo)
+        if POLICY == 0:
+            c2 = tl.minimum(tl.maximum(c1, 1.0 - eps_low), 1.0 + eps_high)
+            if HAS_DELTA:
+                cap = tl.minimum(c1, delta)
+                g_cap = tl.where(c1 <= delta, one, zero)  # clamp's gradient: bound inclusive
+            else:
+                cap = c1
+                g_cap = one
+            g_c2 = tl.where((c1 >= 1.0 - eps_low) & (c1 <= 1.0 + eps_high), one, zero)
+            a = cap * A
+            b = c2 * A
+            P = -tl.minimum(a, b)
+            # torch.min's subgradient: the smaller side gets it; a tie (on-policy: always) splits it
+            dP = -A * tl.where(a < b, g_cap, tl.where(a > b, g_c2, 0.5 * (g_cap + g_c2)))
+            dP_direct = zero
+            low = (cap < 1.0 - eps_low) & (A < 0.0)
+            high = (cap > 1.0 + eps_high) & (A > 0.0)
+        elif POLICY == 1:
+            capped = tl.minimum(c1, eps_high)  # detached in TRL: no gradient through the ratio
+            P = -capped * A * lp
+            dP = zero
+            dP_direct = -capped * A
+            low = inb & (A != A)  # cispo has no lower clip: all False
+            high = (c1 > eps_high) & (A > 0.0)
+        else:
+            tau = tl.where(A > 0.0, tau_pos, tau_neg)
+            sg = tl.sigmoid(tau * (c1 - 1.0))
+            P = -sg * 4.0 / tau * A
+            dP = -4.0 * A * sg * (1.0 - sg)
+            dP_direct = zero
+            low = inb & (A != A)  # statistics not defined for sapo (NaN on the host side)
+            high = low
+        # KL estimate k, its derivative at a fixed ratio, and the bias-corrected K = k c
+        k = zero
+        dk = zero
+        if HAS_REF:
+            d = tl.load(ref_ptr + offs, mask=valid, other=0.0) - lp
+            if KL_EST == 1:
+                k = -d
+                dk = one
+            elif KL_EST == 2:
+                k = 0.5 * d * d
+                dk = -d
+            else:
+                ed = tl.exp(d)
+                k = ed - d - 1.0
+                dk = 1.0 - ed
+        K = k
+        dK = dk
+        if BIAS_CORR:
+            K = k * c1
+            dK = dk * c1
+        if PHASE == 0:
+            L = P * w
+            if KL_IN_LOSS:
+                L += beta * K
+            n_acc += valid.to(tl.float32)
+            loss_acc += tl.where(valid, L, 0.0)
+            if SEQ_LEVEL:
+                r = dP * w
+                if KL_IN_LOSS and BIAS_CORR:
+                    r += beta * k
+                r_acc += tl.where(valid, r, 0.0)
+            kl_acc += tl.where(valid, K, 0.0)
+            low_acc += (low & valid).to(tl.float32)
+            high_acc += (high & valid).to(tl.float32)
+            c_acc += tl.where(valid, c1, 0.0)
+        else:
+            g = dP_direct * w
+            if not SEQ_LEVEL:
+                g += dP * w * c1  # d c / d logp = c at the token level
+            if KL_IN_LOSS:
+                g += beta * dK
+                if BIAS_CORR and not SEQ_LEVEL:
+                    g += beta * k * c1
+            # the sequence ratio's share: d c_s / d logp_t = c_s m_t / max(n_s, 1), summed over s
+            g = nu * g + g_seq
+            tl.store(g_ptr + offs, tl.where(valid, g, 0.0), mask=inb)
+    if PHASE == 0:
+        row = seq_ptr + s.to(tl.int64) * NCOL
+        tl.store(row + 0, tl.sum(n_acc, axis=0))
+        tl.store(row + 1, mean_lr)
+        tl.store(row + 2, tl.sum(loss_acc, axis=0))
+        tl.store(row + 3, tl.sum(r_acc, axis=0))
+        tl.store(row + 4, tl.sum(kl_acc, axis=0))
+        tl.store(row + 5, tl.sum(low_acc, axis=0))
+        tl.store(row + 6, tl.sum(high_acc, axis=0))
+        tl.store(row + 7, tl.sum(c_acc, axis=0))
+
+
+def _flags(config, ref_logp, entropy, isr, mask, advantages, T, S):
+    per_token_adv = advantages.numel() == T and T != S
+    return dict(
+        POLICY=_POLICY_CODE.get(config.loss_type, 0),
+        SEQ_LEVEL=config.importance_sampling_level == "sequence",
+        HAS_REF=ref_logp is not None,
+        KL_IN_LOSS=config.beta != 0.0,
+        KL_EST=_KL_CODE[config.kl_estimator],
+        BIAS_CORR=config.use_bias_correction_kl,
+        HAS_DELTA=config.delta is not None and config.loss_type in _CLIP_TYPES,
+        HAS_MASK=mask is not None,
+        HAS_EMASK=config.top_entropy_quantile < 1.0,
+        HAS_ISR=isr is not None,
+        ADV_PER_TOKEN=per_token_adv,
+    )
+
+
+def _triton_forward(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config, *, need_grad):
+    """Runs kernel (a), the [S]-sized normalizer and statistics ops, and kernel (b) when need_grad."""
+    device = logp.device
+    T = logp.numel()
+    S = cu_seqlens.numel() - 1
+    f32 = lambda x: None if x is None else x.detach().float().contiguous()  # noqa: E731 [T] vectors: <= 4T bytes
+    lp, old, ref, adv, isr_, ent = f32(logp), f32(old_logp), f32(ref_logp), f32(advantages), f32(isr), f32(entropy)
+    m = None if mask is None else mask.contiguous()
+    valid = torch.ones(T, dtype=torch.bool, device=device) if m is None else m  # [T]
+    emask = _high_entropy_mask(ent, valid, config.top_entropy_quantile) if config.top_entropy_quantile < 1.0 else None
+    flags = _flags(config, ref_logp, entropy, isr, mask, advantages, T, S)
+    as_i8 = lambda b: b.view(torch.int8)  # noqa: E731 bool -> int8, no copy
+    dummy = lp  # stands in for absent optional inputs (never read: the constexpr flags say so)
+    ptrs = (
+        lp,
+        old if old is not None else dummy,
+        ref if ref is not None else dummy,
+        adv,
+        isr_ if isr_ is not None else dummy,
+        as_i8(emask) if emask is not None else as_i8(valid),
+        as_i8(m) if m is not None else as_i8(valid),
+    )
+    delta = float(config.delta) if config.delta is not None else 0.0
+    scalars = (float(config.epsilon_low), float(config.epsilon_high), delta, float(config.beta),
+               float(config.sapo_temperature_pos), float(config.sapo_temperature_neg))
+    alloc = torch.full if interpreting() else _empty  # poisoned under the interpreter (the tests)
+    seq = alloc((S, _NCOL), math.nan, dtype=torch.float32, device=device)  # [S, 8]
+    launch = lambda phase, coef, g: _policy_loss_kernel[(S,)](  # noqa: E731
+        *ptrs, cu_seqlens, seq, coef, g, *scalars, PHASE=phase, HAS_OLD=old is not None, NCOL=_NCOL,
+        BLOCK=_BLOCK, num_warps=4, **flags,
+    )
+    if S > 0:
+        launch(0, seq, lp)  # coef and g are not touched in phase 0
+    n_seq = seq[:, 0]  # [S]
+    N = n_seq.sum()
+    Nc = N.clamp(min=1)
+    S1 = max(S, 1)
+    nu = _normalizers(config, n_seq, torch.float32)  # [S]
+    loss = (nu * seq[:, 2]).sum()
+    seq_level = flags["SEQ_LEVEL"]
+    c_seq = torch.exp(seq[:, 1])  # [S] (1 at the token level, where column 1 is 0)
+
+    stats = {}
+    if config.loss_type == "sapo":
+        for k in STAT_NAMES[:3]:
+            stats[k] = _nan(torch.float32, device)
+    elif seq_level and not flags["ADV_PER_TOKEN"]:  # one flag per sequence, mean over S (TRL's (B, 1))
+        if config.loss_type == "cispo":
+            lo_s = torch.zeros(S, dtype=torch.bool, device=device)
+            hi_s = (c_seq > config.epsilon_high) & (adv > 0)
+        else:
+            cap = c_seq if config.delta is None else c_seq.clamp(max=config.delta)
+            lo_s = (cap < 1 - config.epsilon_low) & (adv < 0)
+            hi_s = (cap > 1 + config.epsilon_high) & (adv > 0)
+        stats["clip_ratio/low_mean"] = lo_s.float().sum() / S1
+        stats["clip_ratio/high_mean"] = hi_s.float().sum() / S1
+        stats["clip_ratio/region_mean"] = (lo_s | hi_s).float().sum() / S1
+    else:
+        lo, hi = seq[:, 5].sum(), seq[:, 6].sum()
+        stats["clip_ratio/low_mean"] = lo / Nc
+        stats["clip_ratio/high_mean"] = hi / Nc
+        stats["clip_ratio/region_mean"] = (lo + hi) / Nc
+    stats["kl"] = seq[:, 4].sum() / Nc if ref is not None else _nan(torch.float32, device)
+    stats["entropy"] = (
+        torch.where(valid, ent, torch.zeros_like(ent)).sum() / Nc if ent is not None else _nan(torch.float32, device)
+    )
+    stats["ratio_mean"] = c_seq.sum() / S1 if seq_level else seq[:, 7].sum() / Nc
+    stats = {k: stats[k] for k in STAT_NAMES}
+    if not need_grad:
+        return loss, stats, None
+
+    coef = torch.stack([nu, c_seq, nu * c_seq * seq[:, 3] / n_seq.clamp(min=1)], dim=1).contiguous()  # [S, 3]
+    g = alloc((T,), math.nan, dtype=torch.float32, device=device)  # [T]
+    if S > 0:
+        launch(1, coef, g)
+    return loss, stats, g
+
+
+def _empty(shape, fill, *, dtype, device):
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+class _PolicyLossFunction(torch.autograd.Function):
+    """Forward: kernels (a) and (b); backward: grad_out * g, g the closed-form d loss / d logp."""
+
+    @staticmethod
+    def forward(ctx, logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config):
+        loss, stats, g = _triton_forward(
+            logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config,
+            need_grad=logp.requires_grad,
+        )
+        ctx.logp_dtype = logp.dtype
+        ctx.save_for_backward(g if g is not None else loss)
+        values = [stats[k] for k in STAT_NAMES]
+        ctx.mark_non_differentiable(*values)
+        return (loss, *values)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        (g,) = ctx.saved_tensors
+        return (grad_loss * g).to(ctx.logp_dtype), None, None, None, None, None, None, None, None
+
+
+def aot_configs():
+    """Every shipped configuration of the two kernels, for ahead-of-time compilation (kernels/aot.py).
+
+    The launcher casts per-token inputs to fp32 (every producer in this package returns fp32
+    log-probabilities; a cast of a [T] vector is at most 4T bytes), so fp32 is the only dtype
+    compiled. One entry per objective (clip, cispo, sapo) and level, with every optional input
+    present and the heaviest KL (k3, bias-corrected) and delta: the most live registers.
+    """
+    from .aot import AOTKernel
+
+    signature = {
+        "logp_ptr": "*fp32", "old_ptr": "*fp32", "ref_ptr": "*fp32", "adv_ptr": "*fp32", "isr_ptr": "*fp32",
+        "emask_ptr": "*i8", "mask_ptr": "*i8", "cu_ptr": "*i32", "seq_ptr": "*fp32", "coef_ptr": "*fp32",
+        "g_ptr": "*fp32",
+        **{k: "fp32" for k in ("eps_low", "eps_high", "delta", "beta", "tau_pos", "tau_neg")},
+        **{k: "constexpr" for k in ("PHASE", "POLICY", "SEQ_LEVEL", "HAS_OLD", "HAS_REF", "KL_IN_LOSS", "KL_EST",
+                                    "BIAS_CORR", "HAS_DELTA", "HAS_MASK", "HAS_EMASK", "HAS_ISR", "ADV_PER_TOKEN",
+                                    "NCOL", "BLOCK")},
+    }
+    configs = []
+    for phase, pname in ((0, "sums"), (1, "grad")):
+        for policy, objective in ((0, "clip"), (1, "cispo"), (2, "sapo")):
+            for seq_level in (False, True):
+                constexprs = dict(
+                    PHASE=phase, POLICY=policy, SEQ_LEVEL=seq_level, HAS_OLD=True, HAS_REF=True, KL_IN_LOSS=True,
+                    KL_EST=3, BIAS_CORR=True, HAS_DELTA=policy == 0, HAS_MASK=True, HAS_EMASK=True, HAS_ISR=True,
+                    ADV_PER_TOKEN=False, NCOL=_NCOL, BLOCK=_BLOCK,
+                )
+                level = "sequence" if seq_level else "token"
+                configs.append(AOTKernel(
+                    name=f"policy_loss_{pname}[{objective},{level},fp32,BLOCK={_BLOCK}]", fn=_policy_loss_kernel,
+                    signature=signature, constexprs=constexprs, num_warps=4, num_stages=1,
+                ))
+    return configs
