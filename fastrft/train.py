@@ -1,0 +1,437 @@
+"""GRPO for vision-language models, the whole loop in one file.
+
+One step, named after the algorithm:
+  1. sample prompts        a fresh seeded permutation of the data each epoch
+  2. rollouts              G sampled completions per prompt (transformers' generate); each
+                           prompt and its images prefilled once, the KV cache shared by the G
+  3. rewards               a weighted sum of reward functions; None (unscorable) -> NaN
+  4. group_advantages      (r - group mean) / (group std + eps); NaN rewards get 0
+  5. pack                  each group once as [prompt+images | c1 | ... | cG], micro-batches
+                           under a token budget, no padding, each image encoded once
+  6. linear_policy_loss    LM head + log-prob + clipped policy loss, fused, on completion rows
+                           only (never a [tokens, vocab] tensor)
+  7. backward, clip, AdamW step, LR schedule
+  8. log, evaluate, checkpoint
+
+Left out on purpose: one process only (no FSDP/DeepSpeed/tensor parallel); generation runs
+in transformers (no vLLM/SGLang server); a group is never split across micro-batches (a group
+larger than the token budget forms a micro-batch alone); no value model, no reward model
+(a user reward function can call one); no multi-turn or tool rollouts; no LoRA; no gradient
+checkpointing. `num_iterations` > 1 reuses each rollout for that many optimizer updates
+(TRL's mu), with old log-probs from the policy before the first of them.
+
+Config: the dataclass `GRPOConfig` below (TRL's `GRPOConfig` names where one exists), a YAML
+file and `--key value` overrides: `fastrft train --config configs/shapes.yaml --seed 3`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import fastrft_kernels as fk
+
+from . import checkpoint as ckpt
+from . import models, packing
+from .config import save_config
+from .data import PromptSampler, load_image, load_rows, render_prompt
+from .evaluate import evaluate
+from .metrics import MetricsLog, plot_curves
+from .rewards import compute_rewards, load_reward
+from .rollout import encode_prompts, sample_completions
+
+
+@dataclass
+class GRPOConfig:
+    # --- model and data
+    model: str = "tiny"  # "tiny" (the embedded Qwen2.5-VL, built in code) | a local folder | a hub id
+    dataset: str = "shapes"  # "shapes" (synthetic) | .jsonl | .json | .parquet | a datasets folder
+    eval_dataset: str | None = None  # None: the held-out synthetic split for "shapes", else no eval
+    synthetic_tasks: list[str] = field(default_factory=lambda: ["colour", "count", "position"])
+    train_size: int = 4096  # synthetic training rows
+    eval_size: int = 192  # held-out rows evaluated (synthetic: generated; files: the first ones)
+    image_size: int = 56  # synthetic image side in px (4 image tokens at 56)
+    system_prompt: str | None = None
+    output_dir: str = "runs/shapes"
+    seed: int = 0
+    # --- rollouts
+    max_steps: int = 400  # GRPO steps (one rollout each)
+    prompts_per_step: int = 16  # prompts per step; completions per step = prompts_per_step * num_generations
+    num_generations: int = 8  # G
+    max_prompt_length: int = 512  # a longer prompt (image tokens included) is an error, never cut
+    max_completion_length: int = 3
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    share_prefill: bool = True  # prefill each prompt once and share its KV cache with its G samples
+    # --- rewards and advantages
+    reward_funcs: list[str] = field(default_factory=lambda: ["shapes"])  # names or module:function
+    reward_weights: list[float] | None = None  # None: all 1
+    accuracy_reward: str = "shapes"  # eval accuracy = fraction where this reward is exactly 1
+    scale_rewards: str = "group"  # group | batch | none (TRL)
+    advantage_estimator: str = "grpo"  # grpo | rloo
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO)
+    # --- loss (TRL GRPOConfig names and meanings)
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    beta: float = 0.0  # KL weight; > 0 keeps a frozen reference model
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    num_iterations: int = 1  # optimizer updates per rollout (TRL's mu); > 1 computes old log-probs
+    mask_truncated_completions: bool = False
+    # --- optimizer
+    learning_rate: float = 3e-4
+    lr_scheduler_type: str = "constant"  # constant | linear | cosine (after warmup)
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    token_budget: int = 16384  # tokens per packed micro-batch
+    bf16: bool = True  # bf16 autocast on GPU (CPU always runs fp32)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # --- evaluation, logging, checkpoints
+    eval_steps: int = 100  # 0: evaluate only before and after training
+    eval_batch_size: int = 64
+    save_steps: int = 200  # 0: only at the end
+    save_total_limit: int = 2
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = {
+            "scale_rewards": ("group", "batch", "none"),
+            "advantage_estimator": ("grpo", "rloo"),
+            "lr_scheduler_type": ("constant", "linear", "cosine"),
+        }
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("max_steps", "prompts_per_step", "num_generations", "max_prompt_length",
+                     "max_completion_length", "num_iterations", "token_budget"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (a group of one has no advantage), got {self.num_generations}")
+        if not self.reward_funcs:
+            raise ValueError("reward_funcs must name at least one reward function")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} entries, reward_funcs {len(self.reward_funcs)}"
+            )
+        self.loss_config()  # LossConfig checks loss_type, epsilons, delta, beta
+
+    def loss_config(self, **kw) -> "fk.LossConfig":
+        return fk.LossConfig(
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            epsilon_low=self.epsilon,
+            epsilon_high=self.epsilon_high,
+            delta=self.delta,
+            beta=self.beta,
+            max_completion_length=self.max_completion_length,
+            temperature=self.temperature if self.temperature > 0 else 1.0,
+            **kw,
+        )
+
+
+def lr_lambda(cfg: GRPOConfig):
+    """Linear warmup over warmup_steps, then constant / linear decay / cosine decay to 0."""
+    total = cfg.max_steps * cfg.num_iterations
+    warm = cfg.warmup_steps * cfg.num_iterations
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.lr_scheduler_type == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        if cfg.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def forward_hidden(model, mb: packing.MicroBatch) -> torch.Tensor:
+    """Runs the model body on one packed micro-batch; returns the hidden states of the rows
+    that predict completion tokens, [N, H] (the LM head is applied by the fused loss)."""
+    kw = {}
+    if mb.pixel_values is not None:
+        kw.update(pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw)
+    out = packing.packed_forward(models.body(model), mb, **kw)  # [T, H]
+    return out[mb.rows]  # [N, H]: the prompt's last row once per completion (gradients sum)
+
+
+def _device(cfg: GRPOConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _prompts_for(processor, rows, cfg, start_index=0):
+    texts = [render_prompt(processor, r, cfg.system_prompt) for r in rows]
+    images = [
+        [load_image(im, row_index=start_index + i, image_size=cfg.image_size) for im in r["images"]]
+        for i, r in enumerate(rows)
+    ]
+    return encode_prompts(processor, texts, images, cfg.max_prompt_length)
+
+
+def _eval_rows(cfg: GRPOConfig):
+    if cfg.eval_dataset is not None:
+        return load_rows(cfg.eval_dataset, size=cfg.eval_size)
+    if cfg.dataset == "shapes":
+        return load_rows("shapes", split="test", size=cfg.eval_size, seed=cfg.seed, tasks=cfg.synthetic_tasks)
+    return None
+
+
+def train(cfg: GRPOConfig) -> dict:
+    """Runs GRPO as `cfg` says; returns {"before": eval, "after": eval, "run_dir"}."""
+    t_start = time.perf_counter()
+    device = _device(cfg)
+    run_dir = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+
+    # Everything that can fail on bad input (data, rewards, model) fails before the run
+    # folder is touched.
+    train_rows = load_rows(cfg.dataset, split="train", size=cfg.train_size if cfg.dataset == "shapes" else None,
+                           seed=cfg.seed, tasks=cfg.synthetic_tasks)
+    eval_rows = _eval_rows(cfg)
+    reward_funcs = {name: load_reward(name) for name in cfg.reward_funcs}
+    weights = cfg.reward_weights or [1.0] * len(reward_funcs)
+    accuracy_fn = load_reward(cfg.accuracy_reward)
+    model, processor = models.load_model(cfg.model, seed=cfg.seed, image_size=cfg.image_size)
+    model.to(device).train()
+    packing.enable_packed_attention(model)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
+    head = models.lm_head(model)
+    sampler = PromptSampler(len(train_rows), cfg.seed)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
+    G = cfg.num_generations
+
+    start_step, history = 0, {}
+    latest = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and latest is None:
+        raise ValueError(f"resume: no checkpoint in {run_dir / 'checkpoints'}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if latest is not None:
+        ckpt.load_weights(model, latest)
+        state = ckpt.load_trainer_state(latest)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        ckpt.set_rng_state(state["rng"])
+        start_step, history = state["step"], state.get("history", {})
+        if ref_model is not None:
+            ckpt.load_weights(ref_model, latest / "reference")
+    save_config(cfg, run_dir / "config.yaml")
+    log = MetricsLog(run_dir, resume_step=start_step if latest is not None else None)
+
+    def run_eval(step: int) -> dict | None:
+        if eval_rows is None:
+            return None
+        t0 = time.perf_counter()
+        with autocast:
+            res = evaluate(model, processor, eval_rows, accuracy_fn, max_prompt_length=cfg.max_prompt_length,
+                           max_completion_length=cfg.max_completion_length, batch_size=cfg.eval_batch_size,
+                           system_prompt=cfg.system_prompt, image_size=cfg.image_size)
+        log.log({"kind": "eval", "step": step, **res, "seconds": time.perf_counter() - t0})
+        return res
+
+    if "before" not in history:
+        history["before"] = run_eval(0)
+        if history["before"] is not None:
+            print(f"held-out accuracy before training: {history['before']['accuracy']:.3f} "
+                  f"({history['before']['n']} prompts, greedy)", flush=True)
+
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True, file=sys.stdout)
+
+    for step in range(start_step + 1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        # 1. sample prompts
+        idx = sampler.next(cfg.prompts_per_step)
+        rows = [train_rows[i] for i in idx]
+        prompts = _prompts_for(processor, rows, cfg)
+        prompts.inputs = {k: v.to(device) for k, v in prompts.inputs.items()}
+
+        # 2. rollouts
+        with autocast:
+            rollout = sample_completions(
+                model, processor, prompts, num_generations=G, max_completion_length=cfg.max_completion_length,
+                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, share_prefill=cfg.share_prefill,
+            )
+        completions = [c for group in rollout.completions for c in group]  # P*G, flat
+
+        # 3. rewards
+        columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "images"}
+        per_func, rewards = compute_rewards(
+            reward_funcs, weights, [r["problem"] for r in rows for _ in range(G)], rollout.texts,
+            [c.tolist() for c in completions], columns,
+        )
+
+        # 4. group advantages
+        advantages = fk.group_advantages(rewards, G, scale=cfg.scale_rewards, estimator=cfg.advantage_estimator)
+        keep = list(range(len(rows)))
+        if cfg.dynamic_sampling:  # groups of equal rewards carry no signal: leave them out
+            r = rewards.view(-1, G)
+            spread = (r.nan_to_num(0).amax(1) - r.nan_to_num(0).amin(1)) > 0
+            keep = spread.nonzero().flatten().tolist()
+
+        # 5. pack: each kept group once, micro-batches under the token budget
+        scored = (~rollout.truncated).tolist() if cfg.mask_truncated_completions else None
+        groups = packing.make_groups(model, rollout.prompts, rollout.completions, scored)
+        groups = [groups[i] for i in keep]
+        batches = [mb.to(device) for mb in packing.pack_groups(groups, cfg.token_budget)]
+        n_seq = sum(mb.seq_ids.numel() for mb in batches)
+        n_valid = sum(int((mb.targets != packing.IGNORE).sum()) for mb in batches)
+        advantages = advantages.to(device)
+
+        # old log-probs (num_iterations > 1) and reference log-probs (beta > 0), fused, no grad
+        old_logp, ref_logp = [None] * len(batches), [None] * len(batches)
+        with torch.no_grad(), autocast:
+            for b, mb in enumerate(batches):
+                if cfg.num_iterations > 1:
+                    old_logp[b] = fk.linear_logprob(forward_hidden(model, mb), head.weight, mb.targets,
+                                                    bias=head.bias, temperature=cfg.loss_config().temperature)
+                if ref_model is not None:
+                    ref_head = models.lm_head(ref_model)
+                    ref_logp[b] = fk.linear_logprob(forward_hidden(ref_model, mb), ref_head.weight, mb.targets,
+                                                    bias=ref_head.bias, temperature=cfg.loss_config().temperature)
+
+        # 6-7. fused policy loss on completion rows, backward, clip, step
+        t_train = time.perf_counter()
+        stats_sum: dict[str, float] = {}
+        loss_total, grad_norm = 0.0, float("nan")
+        for _ in range(cfg.num_iterations):
+            optimizer.zero_grad(set_to_none=True)
+            for b, mb in enumerate(batches):
+                n_mb_valid = int((mb.targets != packing.IGNORE).sum())
+                # the step's loss is one batch's loss: dapo/cispo divide by the step's valid
+                # tokens; sequence means are weighted by sequences, bnpo by valid tokens
+                if cfg.loss_type in ("dapo", "cispo"):
+                    loss_cfg, weight = cfg.loss_config(num_items_in_batch=max(n_valid, 1)), 1.0
+                elif cfg.loss_type == "bnpo":
+                    loss_cfg, weight = cfg.loss_config(), n_mb_valid / max(n_valid, 1)
+                else:
+                    loss_cfg, weight = cfg.loss_config(), mb.seq_ids.numel() / max(n_seq, 1)
+                with autocast:
+                    hidden = forward_hidden(model, mb)  # [N, H]
+                    loss, stats = fk.linear_policy_loss(
+                        hidden, head.weight, mb.targets, advantages[mb.seq_ids], mb.cu_seqlens, bias=head.bias,
+                        old_logp=old_logp[b], ref_logp=ref_logp[b], config=loss_cfg,
+                    )
+                (loss * weight).backward()
+                loss_total += float(loss) * weight / cfg.num_iterations
+                for k, v in stats.items():
+                    v = float(v)
+                    if math.isfinite(v):
+                        stats_sum[k] = stats_sum.get(k, 0.0) + v * weight / cfg.num_iterations
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+        t_end = time.perf_counter()
+
+        # 8. log, evaluate, checkpoint
+        train_tokens = sum(mb.n_tokens for mb in batches) * cfg.num_iterations
+        row = {
+            "kind": "train",
+            "step": step,
+            "reward": float(rewards.nanmean()),
+            "reward_std": float(rewards[~rewards.isnan()].std()) if (~rewards.isnan()).sum() > 1 else 0.0,
+            **{f"rewards/{name}": float(per_func[:, j].nanmean()) for j, name in enumerate(reward_funcs)},
+            "accuracy": _accuracy(accuracy_fn, reward_funcs, per_func, rollout, columns, rows, G),
+            "completion_length": sum(c.numel() for c in completions) / len(completions),
+            "truncated_fraction": float(rollout.truncated.float().mean()),
+            "groups_kept": len(keep),
+            "loss": loss_total,
+            "grad_norm": grad_norm,
+            "lr": scheduler.get_last_lr()[0],
+            **stats_sum,
+            "rollout_tokens_per_s": rollout.new_tokens / max(rollout.seconds, 1e-9),
+            "train_tokens_per_s": train_tokens / max(t_end - t_train, 1e-9),
+            "train_tokens": train_tokens,
+            "micro_batches": len(batches),
+            "step_seconds": t_end - t0,
+            "peak_memory_mb": _peak_memory_mb(device),
+        }
+        log.log(row)
+        if bar is not None:
+            bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}",
+                            tok_s=f"{row['train_tokens_per_s']:.0f}")
+            bar.update(1)
+        if cfg.eval_steps and step % cfg.eval_steps == 0 and step != cfg.max_steps:
+            run_eval(step)
+        if step == cfg.max_steps or (cfg.save_steps and step % cfg.save_steps == 0):
+            if step == cfg.max_steps:
+                history["after"] = run_eval(step)
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler": sampler.state_dict(),
+                "history": history,
+                "config": dataclasses.asdict(cfg),
+            }
+            path = ckpt.save_checkpoint(run_dir, step, model, processor, state, keep=cfg.save_total_limit)
+            if ref_model is not None:
+                ref_model.save_pretrained(path / "reference", safe_serialization=True)
+            plot_curves(run_dir)
+    if bar is not None:
+        bar.close()
+    log.close()
+    plot_curves(run_dir)
+    before, after = history.get("before"), history.get("after")
+    if before is not None and after is not None:
+        print(f"held-out accuracy: before {before['accuracy']:.3f} -> after {after['accuracy']:.3f} "
+              f"({after['n']} prompts, greedy; {time.perf_counter() - t_start:.0f} s)", flush=True)
+        for k in sorted(after):
+            if k.startswith("accuracy/"):
+                print(f"  {k[9:]:>10}: {before.get(k, float('nan')):.3f} -> {after[k]:.3f}")
+    (run_dir / "summary.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+    return {"before": before, "after": after, "run_dir": str(run_dir)}
+
+
+def _accuracy(accuracy_fn, reward_funcs, per_func, rollout, columns, rows, G) -> float:
+    """Fraction of sampled completions the accuracy reward scores exactly 1."""
+    for j, f in enumerate(reward_funcs.values()):
+        if f is accuracy_fn:
+            vals = per_func[:, j]
+            break
+    else:
+        _, vals = compute_rewards({"accuracy": accuracy_fn}, [1.0], [r["problem"] for r in rows for _ in range(G)],
+                                  rollout.texts, [[] for _ in rollout.texts], columns)
+    ok = ~vals.isnan()
+    return float((vals[ok] == 1.0).float().mean()) if ok.any() else float("nan")
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
+    except ImportError:  # pragma: no cover
+        return float("nan")
