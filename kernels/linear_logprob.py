@@ -237,26 +237,49 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     _HAVE_TRITON = False
 
 
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per kernel, each compiled for sm_80 and
+# sm_90 without spills (python -m fastrft_kernels.aot). Every BLOCK_V divides _V_PER_SPLIT.
+_CONFIGS = {
+    "fwd": [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 32, 4, 4)],
+    "dx": [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 32, 4, 4)],
+    "dw": [(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (256, 64, 64, 8, 3), (128, 128, 32, 4, 4)],
+}
+
 if _HAVE_TRITON:
 
     @triton.jit
     def _logits_tile(
-        X, W, B, rows, cols, row_mask, col_mask, H, stride_xn, stride_xh, stride_wv, stride_wh, inv_temp,
+        X, W, B, n0, v0, v_end, M, H, stride_xn, stride_wv, inv_temp,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-        PRECISION: tl.constexpr,
+        EVEN_H: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        """z = (X[rows] @ W[cols].T + B[cols]) / T as a [BLOCK_N, BLOCK_V] fp32 tile; -inf past V."""
-        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        """z = (X[n0:] @ W[v0:].T + B[v0:]) / T as a [BLOCK_N, BLOCK_V] fp32 tile; -inf from v_end on.
+
+        The H dimension is contiguous (stride 1, a kernel precondition): with a runtime stride
+        the loads cannot be vectorized and the per-element 64-bit pointers alone spilled every
+        64 x 128 config (255 registers, 120-2400 B of spills on sm_90). Likewise a mask along
+        H (EVEN_H false) keeps loads scalar; H % BLOCK_H == 0 drops it.
+        """
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        cols = v0 + tl.arange(0, BLOCK_V)
         offs_h = tl.arange(0, BLOCK_H)
-        x_ptrs = X + rows[:, None] * stride_xn + offs_h[None, :] * stride_xh  # [BN, BH]
-        w_ptrs = W + cols[None, :] * stride_wv + offs_h[:, None] * stride_wh  # [BH, BV]
+        row_mask = offs_n < M
+        col_mask = cols < v_end
+        x_rows = X + offs_n.to(tl.int64)[:, None] * stride_xn  # [BN, 1]
+        w_rows = W + cols.to(tl.int64)[:, None] * stride_wv  # [BV, 1], H contiguous
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
-            h_mask = (h0 + offs_h) < H
-            x = tl.load(x_ptrs, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=h_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)
-            x_ptrs += BLOCK_H * stride_xh
-            w_ptrs += BLOCK_H * stride_wh
+            # pointers rebuilt from h0 each step, not carried through the loop: a loop-carried
+            # pointer loses its alignment facts and the loads go scalar
+            h = h0 + offs_h
+            if EVEN_H:
+                x = tl.load(x_rows + h[None, :], mask=row_mask[:, None], other=0.0)  # [BN, BH]
+                w = tl.load(w_rows + h[None, :], mask=col_mask[:, None], other=0.0)  # [BV, BH]
+            else:
+                h_mask = h < H
+                x = tl.load(x_rows + h[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+                w = tl.load(w_rows + h[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         if HAS_BIAS:
             b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
             acc += b[None, :]
@@ -265,39 +288,42 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _fwd_partial_kernel(
-        X, W, B, ROWS, M_PART, S_PART, A_PART,
+        X, W, B, M_PART, S_PART, A_PART,
         M, H, V, V_PER_SPLIT,
-        stride_xn, stride_xh, stride_wv, stride_wh,
+        stride_xn, stride_wv,
         inv_temp,
         HAS_BIAS: tl.constexpr, WANT_ENT: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         """Pass A: per (row block, vocab split) the online max m, sum e^(z-m), sum e^(z-m)(z-m)."""
-        pid_n = tl.program_id(0)
+        if EVEN_H:  # H % BLOCK_H == 0 and 16-element aligned rows: tell the compiler (vector loads)
+            tl.assume(stride_xn % 16 == 0)
+            tl.assume(stride_wv % 16 == 0)
+            tl.assume(H % 16 == 0)
+        n0 = tl.program_id(0) * BLOCK_N
         split = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         row_mask = offs_n < M
-        rows = tl.load(ROWS + offs_n, mask=row_mask, other=0).to(tl.int64)  # hidden row of each
         m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         s_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
         a_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
         v_start = split * V_PER_SPLIT
         v_end = tl.minimum(v_start + V_PER_SPLIT, V)
         for v0 in range(v_start, v_end, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_mask = cols < v_end
             z = _logits_tile(
-                X, W, B, rows, cols.to(tl.int64), row_mask, col_mask, H, stride_xn, stride_xh, stride_wv,
-                stride_wh, inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION,
+                X, W, B, n0, v0, v_end, M, H, stride_xn, stride_wv, inv_temp,
+                HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION,
             )
-            m_new = tl.maximum(m_i, tl.max(z, axis=1))  # finite: every tile has a column < V
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))  # finite: every tile has a column < v_end
             alpha = tl.exp(m_i - m_new)  # 0 on the first tile (m_i = -inf)
-            e = tl.exp(z - m_new[:, None])  # [BN, BV], 0 past V
+            e = tl.exp(z - m_new[:, None])  # [BN, BV], 0 past v_end
             if WANT_ENT:
                 # rebase a to the new max: sum e^(z-m_new)(z-m_new) = alpha (a + (m - m_new) s);
                 # s == 0 exactly when m == -inf, where (m - m_new) s would be -inf * 0
                 shift = tl.where(s_i > 0, (m_i - m_new) * s_i, 0.0)
-                ez = tl.where(col_mask[None, :], e * (z - m_new[:, None]), 0.0)
+                cols = v0 + tl.arange(0, BLOCK_V)
+                ez = tl.where((cols < v_end)[None, :], e * (z - m_new[:, None]), 0.0)
                 a_i = alpha * (a_i + shift) + tl.sum(ez, axis=1)
             s_i = alpha * s_i + tl.sum(e, axis=1)
             m_i = m_new
@@ -328,30 +354,29 @@ if _HAVE_TRITON:
             if WANT_ENT:
                 a_k = tl.load(A_PART + k * M + offs, mask=mask, other=0.0)
                 a += scale * (a_k + (m_k - mx) * s_k)
-        log_s = tl.log(s)
-        tl.store(LSE + offs, mx + log_s, mask=mask)
+        tl.store(LSE + offs, mx + tl.log(s), mask=mask)
         if WANT_ENT:
             tl.store(EZ + offs, mx + a / s, mask=mask)  # E[z]; entropy = lse - E[z]
 
     @triton.jit
     def _target_logit_kernel(
-        X, W, B, ROWS, TGT, ZT, M, H,
-        stride_xn, stride_xh, stride_wv, stride_wh,
+        X, W, B, TGT, ZT, M, H,
+        stride_xn, stride_wv,
         inv_temp,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
         """z[target] = (x . w[target] + b[target]) / T per row, a fixed-order dot over H."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = offs_n < M
-        rows = tl.load(ROWS + offs_n, mask=row_mask, other=0).to(tl.int64)
+        rows = offs_n.to(tl.int64)
         tgt = tl.load(TGT + offs_n, mask=row_mask, other=0).to(tl.int64)
         offs_h = tl.arange(0, BLOCK_H)
         acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
             h = h0 + offs_h
             msk = row_mask[:, None] & (h < H)[None, :]
-            x = tl.load(X + rows[:, None] * stride_xn + h[None, :] * stride_xh, mask=msk, other=0.0)
-            w = tl.load(W + tgt[:, None] * stride_wv + h[None, :] * stride_wh, mask=msk, other=0.0)
+            x = tl.load(X + rows[:, None] * stride_xn + h[None, :], mask=msk, other=0.0)
+            w = tl.load(W + tgt[:, None] * stride_wv + h[None, :], mask=msk, other=0.0)
             acc += x.to(tl.float32) * w.to(tl.float32)
         zt = tl.sum(acc, axis=1)
         if HAS_BIAS:
@@ -359,31 +384,37 @@ if _HAVE_TRITON:
         tl.store(ZT + offs_n, zt * inv_temp, mask=row_mask)
 
     @triton.jit
-    def _dlogits_tile(z, tgt, cols, row_mask, col_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT: tl.constexpr):
+    def _dlogits_tile(z, tgt, v0, v_end, row_mask, lse, ez, g_lp, g_ent, inv_temp,
+                      HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
         """dloss/dlogits for one tile, fp32: (g_lp (onehot - p) - g_ent p (z - E[z])) / T; 0 off the tile."""
+        cols = v0 + tl.arange(0, BLOCK_V)
         p = tl.exp(z - lse[:, None])  # [BN, BV]
         onehot = tgt[:, None] == cols[None, :]
         dl = g_lp[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
         if HAS_ENT:
             dl -= g_ent[:, None] * p * (z - ez[:, None])
         # padding rows/columns may hold inf * 0: zero them so they never reach dX or dW
-        return tl.where(row_mask[:, None] & col_mask[None, :], dl * inv_temp, 0.0)
+        return tl.where(row_mask[:, None] & (cols < v_end)[None, :], dl * inv_temp, 0.0)
 
     @triton.jit
     def _bwd_dx_kernel(
-        X, W, B, ROWS, TGT, LSE, EZ, G_LP, G_ENT, DX_PART,
+        X, W, B, TGT, LSE, EZ, G_LP, G_ENT, DX_PART,
         M, H, V, V_PER_SPLIT,
-        stride_xn, stride_xh, stride_wv, stride_wh,
+        stride_xn, stride_wv,
         inv_temp,
         HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         """dX partial [split, M, H] fp32 (zero-filled by the caller): this program owns rows x split."""
-        pid_n = tl.program_id(0)
+        if EVEN_H:  # H % BLOCK_H == 0 and 16-element aligned rows: tell the compiler (vector loads)
+            tl.assume(stride_xn % 16 == 0)
+            tl.assume(stride_wv % 16 == 0)
+            tl.assume(H % 16 == 0)
+        n0 = tl.program_id(0) * BLOCK_N
         split = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         row_mask = offs_n < M
-        rows = tl.load(ROWS + offs_n, mask=row_mask, other=0).to(tl.int64)
         tgt = tl.load(TGT + offs_n, mask=row_mask, other=0).to(tl.int64)
         lse = tl.load(LSE + offs_n, mask=row_mask, other=0.0)
         g_lp = tl.load(G_LP + offs_n, mask=row_mask, other=0.0)
@@ -393,50 +424,52 @@ if _HAVE_TRITON:
         else:
             ez = lse
             g_ent = g_lp
+        dx_base = DX_PART + split.to(tl.int64) * M * H
         offs_h = tl.arange(0, BLOCK_H)
-        dx_rows = (split * M + offs_n).to(tl.int64)
         v_start = split * V_PER_SPLIT
         v_end = tl.minimum(v_start + V_PER_SPLIT, V)
         for v0 in range(v_start, v_end, BLOCK_V):
-            cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-            col_mask = cols < v_end
             z = _logits_tile(
-                X, W, B, rows, cols, row_mask, col_mask, H, stride_xn, stride_xh, stride_wv, stride_wh,
-                inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION,
+                X, W, B, n0, v0, v_end, M, H, stride_xn, stride_wv, inv_temp,
+                HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION,
             )
-            dl = _dlogits_tile(z, tgt, cols, row_mask, col_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT)
+            dl = _dlogits_tile(z, tgt, v0, v_end, row_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT, BLOCK_V)
             dl = dl.to(W.dtype.element_ty)  # the GEMM runs in the input dtype, as plain PyTorch's
+            cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+            w_ptrs = W + cols[:, None] * stride_wv + offs_h[None, :]  # [BV, BH]
+            d_ptrs = dx_base + offs_n.to(tl.int64)[:, None] * H + offs_h[None, :]  # [BN, BH]
             for h0 in range(0, H, BLOCK_H):
-                h = h0 + offs_h
-                h_mask = h < H
-                w = tl.load(
-                    W + cols[:, None] * stride_wv + h[None, :] * stride_wh,
-                    mask=col_mask[:, None] & h_mask[None, :], other=0.0,
-                )  # [BV, BH]
-                ptrs = DX_PART + dx_rows[:, None] * H + h[None, :]
-                msk = row_mask[:, None] & h_mask[None, :]
-                acc = tl.load(ptrs, mask=msk, other=0.0)
+                h_mask = ((h0 + offs_h) < H) | EVEN_H  # all-true, hence constant, when EVEN_H
+                w = tl.load(w_ptrs, mask=(cols < v_end)[:, None] & h_mask[None, :], other=0.0)
+                d_mask = row_mask[:, None] & h_mask[None, :]
+                acc = tl.load(d_ptrs, mask=d_mask, other=0.0)
                 acc = tl.dot(dl, w, acc, input_precision=PRECISION)
-                tl.store(ptrs, acc, mask=msk)
+                tl.store(d_ptrs, acc, mask=d_mask)
+                w_ptrs += BLOCK_H
+                d_ptrs += BLOCK_H
 
     @triton.jit
     def _bwd_dw_kernel(
-        X, W, B, ROWS, TGT, LSE, EZ, G_LP, G_ENT, DW, DB,
+        X, W, B, TGT, LSE, EZ, G_LP, G_ENT, DW, DB,
         M, H, V,
-        stride_xn, stride_xh, stride_wv, stride_wh,
+        stride_xn, stride_wv,
         inv_temp,
         HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, NEED_DB: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         """dW [V, H] fp32 (zero-filled) and dbias [V] fp32: this program owns BLOCK_V vocab rows."""
-        cols = (tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_mask = cols < V
+        if EVEN_H:  # H % BLOCK_H == 0 and 16-element aligned rows: tell the compiler (vector loads)
+            tl.assume(stride_xn % 16 == 0)
+            tl.assume(stride_wv % 16 == 0)
+            tl.assume(H % 16 == 0)
+        v0 = tl.program_id(0) * BLOCK_V
+        cols = v0 + tl.arange(0, BLOCK_V)
         offs_h = tl.arange(0, BLOCK_H)
         db = tl.zeros((BLOCK_V,), dtype=tl.float32)
         for n0 in range(0, M, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             row_mask = offs_n < M
-            rows = tl.load(ROWS + offs_n, mask=row_mask, other=0).to(tl.int64)
             tgt = tl.load(TGT + offs_n, mask=row_mask, other=0).to(tl.int64)
             lse = tl.load(LSE + offs_n, mask=row_mask, other=0.0)
             g_lp = tl.load(G_LP + offs_n, mask=row_mask, other=0.0)
@@ -447,61 +480,61 @@ if _HAVE_TRITON:
                 ez = lse
                 g_ent = g_lp
             z = _logits_tile(
-                X, W, B, rows, cols, row_mask, col_mask, H, stride_xn, stride_xh, stride_wv, stride_wh,
-                inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION,
+                X, W, B, n0, v0, V, M, H, stride_xn, stride_wv, inv_temp,
+                HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION,
             )
-            dl = _dlogits_tile(z, tgt, cols, row_mask, col_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT)
+            dl = _dlogits_tile(z, tgt, v0, V, row_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT, BLOCK_V)
             if NEED_DB:
                 db += tl.sum(dl, axis=0)
             dlt = tl.trans(dl.to(X.dtype.element_ty))  # [BV, BN]
+            x_ptrs = X + offs_n.to(tl.int64)[:, None] * stride_xn + offs_h[None, :]  # [BN, BH]
+            d_ptrs = DW + cols.to(tl.int64)[:, None] * H + offs_h[None, :]  # [BV, BH]
             for h0 in range(0, H, BLOCK_H):
-                h = h0 + offs_h
-                h_mask = h < H
-                x = tl.load(
-                    X + rows[:, None] * stride_xn + h[None, :] * stride_xh,
-                    mask=row_mask[:, None] & h_mask[None, :], other=0.0,
-                )  # [BN, BH]
-                ptrs = DW + cols[:, None] * H + h[None, :]
-                msk = col_mask[:, None] & h_mask[None, :]
-                acc = tl.load(ptrs, mask=msk, other=0.0)
+                h_mask = ((h0 + offs_h) < H) | EVEN_H
+                x = tl.load(x_ptrs, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+                d_mask = (cols < V)[:, None] & h_mask[None, :]
+                acc = tl.load(d_ptrs, mask=d_mask, other=0.0)
                 acc = tl.dot(dlt, x, acc, input_precision=PRECISION)
-                tl.store(ptrs, acc, mask=msk)
+                tl.store(d_ptrs, acc, mask=d_mask)
+                x_ptrs += BLOCK_H
+                d_ptrs += BLOCK_H
         if NEED_DB:
-            tl.store(DB + cols, db, mask=col_mask)
+            tl.store(DB + cols, db, mask=cols < V)
 
     # Autotuned wrappers (GPU). Keyed on H and V only: the config, hence every row's
     # reduction order, never depends on the number of rows (batch invariance within a
     # process). Every BLOCK_V divides _V_PER_SPLIT.
     def _configs(kind):
-        out = []
-        for bn, bv, bh, warps, stages in (
-            (64, 128, 64, 4, 3),
-            (128, 128, 64, 8, 3),
-            (64, 256, 64, 8, 3),
-            (128, 128, 32, 4, 4),
-        ):
-            if kind == "dw":  # tile roles swap: BLOCK_V is the owned dimension
-                bn, bv = bv, bn
-            out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh), num_warps=warps, num_stages=stages))
-        return out
+        return [
+            triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh), num_warps=warps, num_stages=stages)
+            for bn, bv, bh, warps, stages in _CONFIGS[kind]
+        ]
 
     def _prune(configs, named_args, **kwargs):
         # a BLOCK_H wider than H (rounded to 16) only wastes registers; keep at least one
+        # and one that divides H runs the unmasked (vectorized, spill-free) loads
         h = named_args["H"]
-        kept = [c for c in configs if c.kwargs["BLOCK_H"] <= max(16, triton.next_power_of_2(h))]
-        return kept or configs[:1]
+        kept = [c for c in configs if c.kwargs["BLOCK_H"] <= max(16, triton.next_power_of_2(h))] or configs[:1]
+        even = [c for c in kept if h % c.kwargs["BLOCK_H"] == 0]
+        return even or kept
 
+    _even_h = triton.heuristics({"EVEN_H": lambda a: _even(a["H"], a["BLOCK_H"], a["stride_xn"], a["stride_wv"])})
     _fwd_partial_tuned = triton.autotune(
         configs=_configs("fwd"), key=["H", "V"], prune_configs_by={"early_config_prune": _prune}
-    )(_fwd_partial_kernel)
+    )(_even_h(_fwd_partial_kernel))
     _bwd_dx_tuned = triton.autotune(
         configs=_configs("dx"), key=["H", "V"], prune_configs_by={"early_config_prune": _prune},
         reset_to_zero=["DX_PART"],
-    )(_bwd_dx_kernel)
+    )(_even_h(_bwd_dx_kernel))
     _bwd_dw_tuned = triton.autotune(
         configs=_configs("dw"), key=["H", "V"], prune_configs_by={"early_config_prune": _prune},
         reset_to_zero=["DW"],
-    )(_bwd_dw_kernel)
+    )(_even_h(_bwd_dw_kernel))
+
+
+def _even(h: int, block_h: int, stride_xn: int, stride_wv: int) -> bool:
+    """The unmasked, vectorized variant applies: H a multiple of BLOCK_H, rows 16-element aligned."""
+    return h % block_h == 0 and stride_xn % 16 == 0 and stride_wv % 16 == 0
 
 
 def _precision(dtype) -> str:
@@ -518,38 +551,40 @@ def _check_triton(dtype):
         raise TypeError(f"hidden must be float16, bfloat16 or float32 on the triton backend, got {dtype}")
 
 
-def _triton_target_logit(hidden, weight, bias, rows, tgt, inv_t):
-    m, h = rows.numel(), hidden.shape[1]
-    zt = torch.full((m,), float("nan"), dtype=torch.float32, device=hidden.device)
-    block_n, block_h = 16, 16 if interpreting() else 64
+def _triton_target_logit(x, weight, bias, tgt, inv_t):
+    """z[target] [M] fp32 for the gathered rows x [M, H]."""
+    m, h = x.shape
+    zt = torch.full((m,), float("nan"), dtype=torch.float32, device=x.device)  # poisoned: every row is written
+    block_n, block_h = 16, (16 if interpreting() else 64)
     _target_logit_kernel[(triton.cdiv(m, block_n),)](
-        hidden, weight, bias if bias is not None else weight, rows, tgt, zt, m, h,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), inv_t,
+        x, weight, bias if bias is not None else weight, tgt, zt, m, h,
+        x.stride(0), weight.stride(0), inv_t,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_H=block_h,
     )
     return zt
 
 
-def _triton_stats(hidden, weight, bias, rows, inv_t, want_entropy):
-    """Pass A + finalize: lse [M] fp32 and E[z] [M] fp32 (or None)."""
-    m, h = rows.numel(), hidden.shape[1]
+def _triton_stats(x, weight, bias, inv_t, want_entropy):
+    """Pass A + finalize on the gathered rows x [M, H]: lse [M] fp32 and E[z] [M] fp32 (or None)."""
+    m, h = x.shape
     vocab = weight.shape[0]
-    dev = hidden.device
+    dev = x.device
     interp = interpreting()
     v_per_split = INTERPRETER_BLOCKS["V_PER_SPLIT"] if interp else _V_PER_SPLIT
     n_splits = triton.cdiv(vocab, v_per_split)
-    # partials are fully written by pass A; NaN-filled so a missed store shows
+    # partials are fully written by pass A; NaN-filled so that a missed store shows
     m_part = torch.full((n_splits, m), float("nan"), dtype=torch.float32, device=dev)
     s_part = torch.full_like(m_part, float("nan"))
     a_part = torch.full_like(m_part, float("nan")) if want_entropy else m_part
     common = (
-        hidden, weight, bias if bias is not None else weight, rows, m_part, s_part, a_part,
+        x, weight, bias if bias is not None else weight, m_part, s_part, a_part,
         m, h, vocab, v_per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), inv_t,
+        x.stride(0), weight.stride(0), inv_t,
     )
-    flags = dict(HAS_BIAS=bias is not None, WANT_ENT=want_entropy, PRECISION=_precision(hidden.dtype))
+    flags = dict(HAS_BIAS=bias is not None, WANT_ENT=want_entropy, PRECISION=_precision(x.dtype))
     if interp:
         blocks = {k: INTERPRETER_BLOCKS[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
+        blocks["EVEN_H"] = _even(h, blocks["BLOCK_H"], x.stride(0), weight.stride(0))
         _fwd_partial_kernel[(triton.cdiv(m, blocks["BLOCK_N"]), n_splits)](*common, **flags, **blocks)
     else:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), n_splits)  # noqa: E731
@@ -576,40 +611,39 @@ def _dx_splits(m: int, vocab: int, device) -> int:
     return max(1, min(8, want, triton.cdiv(vocab, _V_PER_SPLIT)))
 
 
-def _triton_backward(hidden, weight, bias, rows, tgt, lse, ez, g_lp, g_ent, inv_t, need_x, need_w, need_b):
-    """dX [M, H] (hidden dtype), dW [V, H] fp32, db [V] fp32: two deterministic kernels."""
-    m, h = rows.numel(), hidden.shape[1]
+def _triton_backward(x, weight, bias, tgt, lse, ez, g_lp, g_ent, inv_t, need_x, need_w, need_b):
+    """dX [M, H] (x's dtype), dW [V, H] fp32, db [V] fp32: two deterministic kernels."""
+    m, h = x.shape
     vocab = weight.shape[0]
-    dev = hidden.device
+    dev = x.device
     interp = interpreting()
     has_ent = g_ent is not None
     b_arg = bias if bias is not None else weight
     ez_arg = ez if has_ent else lse
     ge_arg = g_ent if has_ent else g_lp
-    strides = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
-    flags = dict(HAS_BIAS=bias is not None, HAS_ENT=has_ent, PRECISION=_precision(hidden.dtype))
+    strides = (x.stride(0), weight.stride(0))
+    flags = dict(HAS_BIAS=bias is not None, HAS_ENT=has_ent, PRECISION=_precision(x.dtype))
     blocks = {k: INTERPRETER_BLOCKS[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
+    blocks["EVEN_H"] = _even(h, blocks["BLOCK_H"], x.stride(0), weight.stride(0))
     dx = dw = db = None
     if need_x:
         v_per_split = INTERPRETER_BLOCKS["V_PER_SPLIT"] if interp else _V_PER_SPLIT
         n_splits = _dx_splits(m, vocab, dev)
-        # each split covers ceil(V / n_splits) columns rounded up to whole split units
+        # each split covers ceil(V / n_splits) columns, rounded up to whole units of v_per_split
         cols_per = triton.cdiv(triton.cdiv(vocab, n_splits), v_per_split) * v_per_split
         n_splits = triton.cdiv(vocab, cols_per)
         part = torch.zeros((n_splits, m, h), dtype=torch.float32, device=dev)  # read-modify-written
-        args = (hidden, weight, b_arg, rows, tgt, lse, ez_arg, g_lp, ge_arg, part, m, h, vocab, cols_per,
-                *strides, inv_t)
+        args = (x, weight, b_arg, tgt, lse, ez_arg, g_lp, ge_arg, part, m, h, vocab, cols_per, *strides, inv_t)
         if interp:
             _bwd_dx_kernel[(triton.cdiv(m, blocks["BLOCK_N"]), n_splits)](*args, **flags, **blocks)
         else:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), n_splits)  # noqa: E731
             _bwd_dx_tuned[grid](*args, **flags)
-        dx = part.sum(0).to(hidden.dtype)  # fixed-order sum over splits: deterministic
+        dx = part.sum(0) if n_splits > 1 else part[0]  # fixed-order sum over splits: deterministic
     if need_w or need_b:
-        dw_buf = torch.zeros((vocab, h), dtype=torch.float32, device=dev)
+        dw_buf = torch.zeros((vocab, h), dtype=torch.float32, device=dev)  # read-modify-written
         db = torch.full((vocab,), float("nan"), dtype=torch.float32, device=dev) if need_b else dw_buf
-        args = (hidden, weight, b_arg, rows, tgt, lse, ez_arg, g_lp, ge_arg, dw_buf, db, m, h, vocab,
-                *strides, inv_t)
+        args = (x, weight, b_arg, tgt, lse, ez_arg, g_lp, ge_arg, dw_buf, db, m, h, vocab, *strides, inv_t)
         if interp:
             _bwd_dw_kernel[(triton.cdiv(vocab, blocks["BLOCK_V"]),)](*args, **flags, NEED_DB=need_b, **blocks)
         else:
@@ -623,12 +657,6 @@ def _triton_backward(hidden, weight, bias, rows, tgt, lse, ez, g_lp, g_ent, inv_
 # ----------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------
-
-
-def _stats(backend, hidden, weight, bias, x_or_rows, inv_t, want_entropy):
-    if backend == "triton":
-        return _triton_stats(hidden, weight, bias, x_or_rows, inv_t, want_entropy)
-    return _torch_stats(x_or_rows, weight, bias, inv_t, want_entropy)
 
 
 class _LinearLogprob(torch.autograd.Function):
@@ -647,35 +675,31 @@ class _LinearLogprob(torch.autograd.Function):
         lse_full = torch.zeros(n, dtype=acc, device=dev)
         lse = ez = x = None
         if m > 0:
+            # gathered once: [M, H] is small next to the M x V x H GEMMs, and a contiguous x
+            # lets the kernels use block pointers (no per-element 64-bit pointer tensors)
+            x = hidden.index_select(0, rows)  # [M, H]
+            if backend == "triton" and weight.stride(1) != 1:
+                weight = weight.contiguous()  # the kernels take H contiguous (a transposed view is copied)
             if backend == "triton":
-                rows_k = rows.to(torch.int32) if n < 2**31 else rows
-                tgt_k = tgt
-                zt = _triton_target_logit(hidden, weight, bias, rows_k, tgt_k, inv_t)
-                if lse_in is not None and not want_entropy:
-                    lse = lse_in.index_select(0, rows).to(torch.float32)
-                else:
-                    lse, ez = _triton_stats(hidden, weight, bias, rows_k, inv_t, want_entropy)
-                saved_rows = rows_k
+                zt = _triton_target_logit(x, weight, bias, tgt, inv_t)
             else:
-                x = hidden.index_select(0, rows)  # [M, H]
                 zt = _target_logit(x, weight, bias, tgt, inv_t, acc)
-                if lse_in is not None and not want_entropy:
-                    lse = lse_in.index_select(0, rows).to(acc)
-                else:
-                    lse, ez = _torch_stats(x, weight, bias, inv_t, want_entropy)
-                saved_rows = rows
+            if lse_in is not None and not want_entropy:
+                lse = lse_in.index_select(0, rows).to(acc)  # pass A skipped
+            elif backend == "triton":
+                lse, ez = _triton_stats(x, weight, bias, inv_t, want_entropy)
+            else:
+                lse, ez = _torch_stats(x, weight, bias, inv_t, want_entropy)
             # logp <= 0 and entropy >= 0 hold exactly; rounding may cross by ~1 ulp of lse
-            logp.index_copy_(0, rows, torch.clamp(zt - lse, max=0.0))
+            logp.index_copy_(0, rows, torch.clamp(zt.to(acc) - lse, max=0.0))
             lse_full.index_copy_(0, rows, lse)
             if want_entropy:
                 ent.index_copy_(0, rows, torch.clamp(lse - ez, min=0.0))
-        else:
-            saved_rows = rows
         ctx.set_materialize_grads(False)  # an unused entropy output costs no backward work
         ctx.backend, ctx.inv_t, ctx.n, ctx.m = backend, inv_t, n, m
         ctx.want_entropy = want_entropy
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(hidden, weight, bias, saved_rows, tgt, x, lse, ez)
+        ctx.save_for_backward(hidden, weight, bias, rows, tgt, x, lse, ez)
         ctx.mark_non_differentiable(lse_full)
         return logp, ent, lse_full
 
@@ -693,7 +717,7 @@ class _LinearLogprob(torch.autograd.Function):
                 db = torch.zeros_like(bias)
             return dh, dw, db, None, None, None, None, None, None
         acc = _acc_dtype(hidden.dtype)
-        rows_l = rows.long()
+        rows_l = rows
         g_lp = (g_logp if g_logp is not None else torch.zeros(ctx.n, device=hidden.device, dtype=acc))
         g_lp = g_lp.index_select(0, rows_l).to(acc).contiguous()  # [M]
         ge = None
@@ -702,9 +726,7 @@ class _LinearLogprob(torch.autograd.Function):
         if ge is not None and ez is None:  # cannot happen: entropy always runs pass A
             raise RuntimeError("entropy gradient without E[z]")
         if ctx.backend == "triton":
-            dx, dwf, dbf = _triton_backward(
-                hidden, weight, bias, rows, tgt, lse, ez, g_lp, ge, ctx.inv_t, need_x, need_w, need_b
-            )
+            dx, dwf, dbf = _triton_backward(x, weight, bias, tgt, lse, ez, g_lp, ge, ctx.inv_t, need_x, need_w, need_b)
         else:
             dx, dwf, dbf = _torch_backward(
                 x, weight, bias, tgt, lse, ez, g_lp, ge, ctx.inv_t, need_x, need_w, need_b
@@ -789,50 +811,50 @@ def aot_configs():
         for has_ent in (False, True):
             for cfg in _configs("fwd"):
                 sig = {
-                    "X": tdt, "W": tdt, "B": tdt, "ROWS": "*i32", "M_PART": "*fp32", "S_PART": "*fp32",
+                    "X": tdt, "W": tdt, "B": tdt, "M_PART": "*fp32", "S_PART": "*fp32",
                     "A_PART": "*fp32", "M": "i32", "H": "i32", "V": "i32", "V_PER_SPLIT": "i32",
-                    "stride_xn": "i64", "stride_xh": "i64", "stride_wv": "i64", "stride_wh": "i64",
+                    "stride_xn": "i64", "stride_wv": "i64",
                     "inv_temp": "fp32", "HAS_BIAS": "constexpr", "WANT_ENT": "constexpr",
                     "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr",
-                    "PRECISION": "constexpr",
+                    "EVEN_H": "constexpr", "PRECISION": "constexpr",
                 }
                 out.append(AOTKernel(
                     name=f"linear_logprob_fwd_{tdt[1:]}_ent{int(has_ent)}_{_cfg_name(cfg)}",
                     fn=_fwd_partial_kernel, signature=sig,
-                    constexprs=dict(HAS_BIAS=True, WANT_ENT=has_ent, PRECISION=prec, **cfg.kwargs),
+                    constexprs=dict(HAS_BIAS=True, WANT_ENT=has_ent, EVEN_H=True, PRECISION=prec, **cfg.kwargs),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 ))
             bwd_sig = {
-                "X": tdt, "W": tdt, "B": tdt, "ROWS": "*i32", "TGT": "*i64", "LSE": "*fp32", "EZ": "*fp32",
+                "X": tdt, "W": tdt, "B": tdt, "TGT": "*i64", "LSE": "*fp32", "EZ": "*fp32",
                 "G_LP": "*fp32", "G_ENT": "*fp32",
             }
             for cfg in _configs("dx"):
                 sig = dict(bwd_sig, DX_PART="*fp32", M="i32", H="i32", V="i32", V_PER_SPLIT="i32",
-                           stride_xn="i64", stride_xh="i64", stride_wv="i64", stride_wh="i64",
+                           stride_xn="i64", stride_wv="i64",
                            inv_temp="fp32", HAS_BIAS="constexpr", HAS_ENT="constexpr", BLOCK_N="constexpr",
-                           BLOCK_V="constexpr", BLOCK_H="constexpr", PRECISION="constexpr")
+                           BLOCK_V="constexpr", BLOCK_H="constexpr", EVEN_H="constexpr", PRECISION="constexpr")
                 out.append(AOTKernel(
                     name=f"linear_logprob_bwd_dx_{tdt[1:]}_ent{int(has_ent)}_{_cfg_name(cfg)}",
                     fn=_bwd_dx_kernel, signature=sig,
-                    constexprs=dict(HAS_BIAS=True, HAS_ENT=has_ent, PRECISION=prec, **cfg.kwargs),
+                    constexprs=dict(HAS_BIAS=True, HAS_ENT=has_ent, EVEN_H=True, PRECISION=prec, **cfg.kwargs),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 ))
             for cfg in _configs("dw"):
                 sig = dict(bwd_sig, DW="*fp32", DB="*fp32", M="i32", H="i32", V="i32",
-                           stride_xn="i64", stride_xh="i64", stride_wv="i64", stride_wh="i64",
+                           stride_xn="i64", stride_wv="i64",
                            inv_temp="fp32", HAS_BIAS="constexpr", HAS_ENT="constexpr", NEED_DB="constexpr",
-                           BLOCK_N="constexpr", BLOCK_V="constexpr", BLOCK_H="constexpr", PRECISION="constexpr")
+                           BLOCK_N="constexpr", BLOCK_V="constexpr", BLOCK_H="constexpr", EVEN_H="constexpr", PRECISION="constexpr")
                 out.append(AOTKernel(
                     name=f"linear_logprob_bwd_dw_{tdt[1:]}_ent{int(has_ent)}_{_cfg_name(cfg)}",
                     fn=_bwd_dw_kernel, signature=sig,
-                    constexprs=dict(HAS_BIAS=True, HAS_ENT=has_ent, NEED_DB=True, PRECISION=prec, **cfg.kwargs),
+                    constexprs=dict(HAS_BIAS=True, HAS_ENT=has_ent, NEED_DB=True, EVEN_H=True, PRECISION=prec, **cfg.kwargs),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 ))
     for tdt in dtypes:
         out.append(AOTKernel(
             name=f"linear_logprob_target_{tdt[1:]}", fn=_target_logit_kernel,
-            signature={"X": tdt, "W": tdt, "B": tdt, "ROWS": "*i32", "TGT": "*i64", "ZT": "*fp32", "M": "i32",
-                       "H": "i32", "stride_xn": "i64", "stride_xh": "i64", "stride_wv": "i64", "stride_wh": "i64",
+            signature={"X": tdt, "W": tdt, "B": tdt, "TGT": "*i64", "ZT": "*fp32", "M": "i32",
+                       "H": "i32", "stride_xn": "i64", "stride_wv": "i64",
                        "inv_temp": "fp32", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_H": "constexpr"},
             constexprs=dict(HAS_BIAS=True, BLOCK_N=16, BLOCK_H=64), num_warps=4, num_stages=1,
         ))
