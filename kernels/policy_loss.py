@@ -352,8 +352,9 @@ def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, m
         else:
             c1_parts.append(torch.exp(log_w.detach()).sum())
     zero = torch.zeros((), dtype=dt, device=device)
-    seq_loss = torch.stack(seq_loss) if S else zero.reshape(0)
-    seq_n = torch.stack(seq_n) if S else zero.reshape(0)
+    # S = 0 (then T = 0): an empty sum still hangs off logp, so backward gives its (empty) gradient
+    seq_loss = torch.stack(seq_loss) if S else lp_all.sum().reshape(1)[:0]
+    seq_n = torch.stack(seq_n) if S else zero.new_zeros(0)
     N = seq_n.sum()
     lt = config.loss_type
     if lt in ("grpo", "sapo"):
