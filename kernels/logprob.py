@@ -1,0 +1,293 @@
+"""Log-probability (and entropy) of target tokens from given logits.
+
+`logprob(logits, targets)` = log softmax(logits / T)[target] per row (+ entropy), fp32 out,
+0 at rows whose target is `ignore_index`. The same op as `linear_logprob` when the logits
+already exist (a model that returns them): it never makes a second [N, V] copy in fp32.
+
+- triton: `_logprob_fwd_kernel`, one program per row, an online softmax over vocab blocks
+  (max m, sum e^(z-m), sum e^(z-m)(z-m): bounded terms, finite for logits of 1e4 at T = 0.1)
+  -> logp, entropy, lse, E[z]; `_logprob_bwd_kernel` writes dlogits = (g_logp (onehot - p)
+  - g_ent p (z - E[z])) / T row by row in the logits' dtype. Ignored rows return at once
+  (their gradient row is written as zeros). The reduction order of a row depends on V only.
+- torch: chunked over rows (O(chunk x V) fp32 working memory), same formulas, custom backward.
+- reference: fp32 (fp64 for fp64) log_softmax with autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import interpreting, resolve_backend
+from ._checks import check_same_device, check_targets, check_tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except ImportError:  # pragma: no cover
+    _HAVE_TRITON = False
+
+_CHUNK_BYTES = 64 * 2**20  # fp32 working set of the torch path per chunk
+_BLOCK_V = 2048  # vocab block of the triton kernels on a GPU (74 blocks at V = 151936)
+INTERPRETER_BLOCK_V = 32
+
+
+def _check_args(logits, targets, temperature, ignore_index):
+    check_tensor("logits", logits, ndim=2, float_=True)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_same_device(logits=logits, targets=targets)
+    check_targets(targets, logits.shape[0], logits.shape[1], ignore_index)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reference(logits, targets, temperature, ignore_index, want_entropy):
+    z = logits.to(_acc(logits.dtype)) / temperature  # [N, V]
+    logsm = torch.log_softmax(z, dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    logp = torch.where(valid, logsm.gather(1, safe[:, None]).squeeze(1), 0.0)
+    ent = torch.where(valid, -(logsm.exp() * logsm).sum(-1), 0.0) if want_entropy else None
+    return logp, ent
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _logprob_fwd_kernel(
+        Z, TGT, LOGP, ENT, LSE, EZ, V, stride_zn, inv_temp, ignore_index,
+        WANT_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """One row: logp, entropy (if asked), lse and E[z] (fp32), all 0 at ignored rows."""
+        row = tl.program_id(0).to(tl.int64)
+        tgt = tl.load(TGT + row).to(tl.int64)
+        if tgt == ignore_index:
+            tl.store(LOGP + row, 0.0)
+            tl.store(LSE + row, 0.0)
+            tl.store(EZ + row, 0.0)
+            if WANT_ENT:
+                tl.store(ENT + row, 0.0)
+            return
+        base = Z + row * stride_zn
+        offs = tl.arange(0, BLOCK_V)
+        m = tl.full((BLOCK_V,), float("-inf"), tl.float32)  # per lane: the reduction order is V's alone
+        s = tl.zeros((BLOCK_V,), tl.float32)
+        a = tl.zeros((BLOCK_V,), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs
+            z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, z)
+            alive = m_new > float("-inf")  # lanes that have seen a column yet
+            alpha = tl.where(alive, tl.exp(m - m_new), 0.0)
+            e = tl.where(alive, tl.exp(z - m_new), 0.0)
+            if WANT_ENT:
+                shift = tl.where(s > 0, (m - m_new) * s, 0.0)
+                a = alpha * (a + shift) + tl.where(cols < V, e * (z - m_new), 0.0)  # -inf * 0 past V
+            s = alpha * s + e
+            m = m_new
+        mx = tl.max(m, axis=0)
+        scale = tl.where(s > 0, tl.exp(m - mx), 0.0)
+        ssum = tl.sum(scale * s, axis=0)
+        lse = mx + tl.log(ssum)
+        zt = tl.load(base + tgt).to(tl.float32) * inv_temp
+        tl.store(LOGP + row, tl.minimum(zt - lse, 0.0))
+        tl.store(LSE + row, lse)
+        if WANT_ENT:
+            asum = tl.sum(scale * (a + tl.where(s > 0, (m - mx) * s, 0.0)), axis=0)
+            ez = mx + asum / ssum
+            tl.store(EZ + row, ez)
+            tl.store(ENT + row, tl.maximum(lse - ez, 0.0))
+
+    @triton.jit
+    def _logprob_bwd_kernel(
+        Z, TGT, LSE, EZ, G_LP, G_ENT, DZ, V, stride_zn, stride_dn, inv_temp, ignore_index,
+        HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """One row of dlogits = (g_logp (onehot - p) - g_ent p (z - E[z])) / T, in DZ's dtype."""
+        row = tl.program_id(0).to(tl.int64)
+        tgt = tl.load(TGT + row).to(tl.int64)
+        offs = tl.arange(0, BLOCK_V)
+        if tgt == ignore_index:
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + offs
+                tl.store(DZ + row * stride_dn + cols, tl.zeros((BLOCK_V,), tl.float32), mask=cols < V)
+            return
+        lse = tl.load(LSE + row)
+        g = tl.load(G_LP + row)
+        if HAS_ENT:
+            ez = tl.load(EZ + row)
+            ge = tl.load(G_ENT + row)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs
+            msk = cols < V
+            z = tl.load(Z + row * stride_zn + cols, mask=msk, other=0.0).to(tl.float32) * inv_temp
+            p = tl.exp(z - lse)
+            d = g * (tl.where(cols == tgt, 1.0, 0.0) - p)
+            if HAS_ENT:
+                d -= ge * p * (z - ez)
+            tl.store(DZ + row * stride_dn + cols, d * inv_temp, mask=msk)
+
+
+def _block_v():
+    return INTERPRETER_BLOCK_V if interpreting() else _BLOCK_V
+
+
+def _triton_forward(logits, targets, inv_t, ignore_index, want_entropy):
+    n, v = logits.shape
+    dev = logits.device
+    nan = lambda: torch.full((n,), float("nan"), dtype=torch.float32, device=dev)  # noqa: E731  poisoned
+    logp, lse, ez = nan(), nan(), nan()
+    ent = nan() if want_entropy else logp
+    if n:
+        _logprob_fwd_kernel[(n,)](
+            logits, targets, logp, ent, lse, ez, v, logits.stride(0), inv_t, ignore_index,
+            WANT_ENT=want_entropy, BLOCK_V=_block_v(), num_warps=8,
+        )
+    return logp, (ent if want_entropy else None), lse, ez
+
+
+def _triton_backward(logits, targets, lse, ez, g_lp, g_ent, inv_t, ignore_index):
+    n, v = logits.shape
+    dz = torch.full_like(logits, float("nan"))  # poisoned: every element is written
+    if n:
+        _logprob_bwd_kernel[(n,)](
+            logits, targets, lse, ez, g_lp, g_ent if g_ent is not None else g_lp, dz, v,
+            logits.stride(0), dz.stride(0), inv_t, ignore_index,
+            HAS_ENT=g_ent is not None, BLOCK_V=_block_v(), num_warps=8,
+        )
+    return dz
+
+
+def _torch_forward(logits, targets, inv_t, ignore_index, want_entropy):
+    n, v = logits.shape
+    acc = _acc(logits.dtype)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    lse = torch.empty(n, dtype=acc, device=logits.device)
+    ez = torch.zeros(n, dtype=acc, device=logits.device)
+    zt = logits.gather(1, safe[:, None]).squeeze(1).to(acc) * inv_t  # [N]
+    chunk = max(1, _CHUNK_BYTES // (4 * max(v, 1)))
+    for i in range(0, n, chunk):
+        z = logits[i : i + chunk].to(acc) * inv_t  # [C, V]
+        mx = z.amax(1, keepdim=True)
+        p = torch.sub(z, mx).exp_()
+        s = p.sum(1)
+        lse[i : i + chunk] = mx.squeeze(1) + s.log()
+        if want_entropy:
+            ez[i : i + chunk] = p.mul_(z).sum(1) / s
+    zero = torch.zeros((), dtype=acc, device=logits.device)
+    logp = torch.where(valid, torch.clamp(zt - lse, max=0.0), zero)
+    ent = torch.where(valid, torch.clamp(lse - ez, min=0.0), zero) if want_entropy else None
+    return logp, ent, torch.where(valid, lse, zero), ez
+
+
+def _torch_backward(logits, targets, lse, ez, g_lp, g_ent, inv_t, ignore_index):
+    n, v = logits.shape
+    acc = _acc(logits.dtype)
+    valid = targets != ignore_index
+    g_lp = torch.where(valid, g_lp.to(acc), 0.0)
+    g_ent = torch.where(valid, g_ent.to(acc), 0.0) if g_ent is not None else None
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    dz = torch.empty_like(logits)
+    chunk = max(1, _CHUNK_BYTES // (4 * max(v, 1)))
+    for i in range(0, n, chunk):
+        z = logits[i : i + chunk].to(acc) * inv_t  # [C, V]
+        p = torch.sub(z, lse[i : i + chunk, None]).exp_()
+        d = p * -g_lp[i : i + chunk, None]
+        if g_ent is not None:
+            d -= g_ent[i : i + chunk, None] * p * (z - ez[i : i + chunk, None])
+        rows = torch.arange(d.shape[0], device=d.device)
+        d[rows, safe[i : i + chunk]] += g_lp[i : i + chunk]
+        dz[i : i + chunk] = d * inv_t
+    return dz
+
+
+class _Logprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, ignore_index, want_entropy, backend):
+        inv_t = 1.0 / float(temperature)
+        fwd = _triton_forward if backend == "triton" else _torch_forward
+        logp, ent, lse, ez = fwd(logits, targets, inv_t, ignore_index, want_entropy)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, targets, lse, ez)
+        ctx.inv_t, ctx.ignore_index, ctx.backend, ctx.want_entropy = inv_t, ignore_index, backend, want_entropy
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        logits, targets, lse, ez = ctx.saved_tensors
+        if g_lp is None and g_ent is None:
+            return torch.zeros_like(logits), None, None, None, None, None
+        if g_lp is None:
+            g_lp = torch.zeros_like(lse)
+        g_lp = g_lp.to(lse.dtype).contiguous()
+        g_ent = g_ent.to(lse.dtype).contiguous() if (g_ent is not None and ctx.want_entropy) else None
+        bwd = _triton_backward if ctx.backend == "triton" else _torch_backward
+        return bwd(logits, targets, lse, ez, g_lp, g_ent, ctx.inv_t, ctx.ignore_index), None, None, None, None, None
+
+
+def logprob(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """log softmax(logits / temperature)[target] per row.
+
+    Args:
+        logits: [N, V] float16 / bfloat16 / float32 (float64 on the torch and reference backends).
+        targets: [N] int64 (or int32) in [0, V) or `ignore_index`.
+        temperature: positive float dividing the logits.
+        return_entropy: also return the entropy [N] of each row's distribution.
+
+    Returns:
+        logp [N] float32 (float64 for float64 logits), or (logp, entropy); 0 at ignored rows;
+        differentiable w.r.t. logits through both.
+    """
+    _check_args(logits, targets, temperature, ignore_index)
+    backend = resolve_backend(logits.device)
+    if backend == "reference":
+        logp, ent = _reference(logits, targets, temperature, ignore_index, return_entropy)
+    else:
+        if backend == "triton":
+            if not _HAVE_TRITON:
+                raise RuntimeError("backend 'triton' needs the triton package, which is not installed")
+            if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise TypeError(f"logits must be float16, bfloat16 or float32 on the triton backend, got {logits.dtype}")
+            if logits.stride(1) != 1:
+                logits = logits.contiguous()
+            targets = targets.long()  # the kernels read int64 ids
+        logp, ent = _Logprob.apply(logits, targets, float(temperature), ignore_index, return_entropy, backend)
+    return (logp, ent) if return_entropy else logp
+
+
+def aot_configs():
+    """Every shipped Triton configuration x dtype, for ahead-of-time compilation checks."""
+    from .aot import AOTKernel
+
+    out = []
+    for tdt in ("*fp32", "*bf16", "*fp16"):
+        for ent in (False, True):
+            out.append(AOTKernel(
+                name=f"logprob_fwd_{tdt[1:]}_ent{int(ent)}", fn=_logprob_fwd_kernel,
+                signature={"Z": tdt, "TGT": "*i64", "LOGP": "*fp32", "ENT": "*fp32", "LSE": "*fp32", "EZ": "*fp32",
+                           "V": "i32", "stride_zn": "i64", "inv_temp": "fp32", "ignore_index": "i64",
+                           "WANT_ENT": "constexpr", "BLOCK_V": "constexpr"},
+                constexprs=dict(WANT_ENT=ent, BLOCK_V=_BLOCK_V), num_warps=8, num_stages=1,
+            ))
+            out.append(AOTKernel(
+                name=f"logprob_bwd_{tdt[1:]}_ent{int(ent)}", fn=_logprob_bwd_kernel,
+                signature={"Z": tdt, "TGT": "*i64", "LSE": "*fp32", "EZ": "*fp32", "G_LP": "*fp32", "G_ENT": "*fp32",
+                           "DZ": tdt, "V": "i32", "stride_zn": "i64", "stride_dn": "i64", "inv_temp": "fp32",
+                           "ignore_index": "i64", "HAS_ENT": "constexpr", "BLOCK_V": "constexpr"},
+                constexprs=dict(HAS_ENT=ent, BLOCK_V=_BLOCK_V), num_warps=8, num_stages=1,
+            ))
+    return out
