@@ -217,14 +217,14 @@ def _high_entropy_mask(entropy, valid, quantile):
     interpolation is formed on the device, in the same dtype and order of operations, so the
     threshold is bit-identical to TRL's.
     """
-    e = entropy.detach()
-    e = e.to(torch.float64 if e.dtype == torch.float64 else torch.float32)  # [T] TRL: .float()
+    e = entropy.detach()  # [T]
+    e32 = e.float()  # [T] TRL takes the quantile in fp32 (`.float()`) and compares in the input dtype
     T = e.numel()
     if T == 0:
         return valid.clone()
-    ordered = torch.sort(torch.where(valid, e, torch.full_like(e, math.inf))).values  # [T], valid first
-    last = (valid.sum() - 1).to(e.dtype)  # n - 1 (-1 when no token is valid: all-False mask below)
-    rank = (torch.tensor(1.0 - quantile, dtype=e.dtype, device=e.device) * last).clamp(min=0)  # 0-dim
+    ordered = torch.sort(torch.where(valid, e32, torch.full_like(e32, math.inf))).values  # [T], valid first
+    last = (valid.sum() - 1).to(torch.float32)  # n - 1 (-1 when no token is valid: all-False mask below)
+    rank = (torch.tensor(1.0 - quantile, dtype=torch.float32, device=e.device) * last).clamp(min=0)  # 0-dim
     below = rank.long().clamp(max=T - 1).reshape(1)  # [1]
     above = rank.ceil().long().clamp(max=T - 1).reshape(1)  # [1]
     threshold = torch.lerp(ordered.index_select(0, below), ordered.index_select(0, above), rank - below)  # [1]
@@ -279,8 +279,8 @@ def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, m
     per_token_adv = adv.numel() == T and T != S
     emask_all = None
     if config.top_entropy_quantile < 1.0:
-        ent = entropy.detach().to(dt)
-        local = ent[m_all]
+        ent = entropy.detach()
+        local = ent[m_all].float()  # TRL's get_high_entropy_mask: the quantile in fp32
         if local.numel() == 0:
             emask_all = torch.zeros(T, dtype=torch.bool, device=device)
         else:
@@ -295,7 +295,7 @@ def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, m
         # TRL multiplies by the mask; zeroing masked entries first keeps garbage there out of exp
         lp = torch.where(m > 0, lp, torch.zeros_like(lp))
         o = lp.detach() if old is None else torch.where(m > 0, old[sl], torch.zeros_like(lp))
-        A = adv[sl] if per_token_adv else adv[s].expand(lp.shape)
+        A = adv[sl] if per_token_adv else adv[s].reshape(1)  # TRL's (B, T) or (B, 1)
         log_ratio = lp - o
         if config.importance_sampling_level == "token":
             log_w = log_ratio
@@ -443,8 +443,9 @@ def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, 
         low = (capped < 1 - eps_low) & (A < 0)
         high = (capped > 1 + eps_high) & (A > 0)
     else:  # sapo
-        pos = torch.tensor(config.sapo_temperature_pos, dtype=dt, device=device)
-        neg = torch.tensor(config.sapo_temperature_neg, dtype=dt, device=device)
+        # fp32 temperatures, as TRL's torch.where over two Python floats makes them (1.05 -> 1.04999995)
+        pos = torch.tensor(config.sapo_temperature_pos, dtype=torch.float32, device=device).to(dt)
+        neg = torch.tensor(config.sapo_temperature_neg, dtype=torch.float32, device=device).to(dt)
         tau = torch.where(A > 0, pos, neg)  # [T]
         per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * A
         low = high = None

@@ -1,0 +1,202 @@
+"""Parity with TRL: trl 1.16's own `GRPOTrainer._compute_loss` and `get_high_entropy_mask`, run on a
+padded batch, against `policy_loss` on the same batch packed.
+
+No trainer is built (that needs a model, a tokenizer and datasets): the two methods are called
+unbound, with a `SimpleNamespace` self carrying exactly the attributes they read; the model call
+`_get_per_token_logps_and_entropies` returns given tensors, and the accelerator is one process
+(gather/reduce/pad are identities). One process, no gradient accumulation
+(`current_gradient_accumulation_steps = steps_per_generation = 1`), mode "train". TRL has only the
+k3 KL estimator, so k1/k2 are held to the reference in test_policy_loss.py instead.
+"""
+
+import collections
+import math
+import types
+
+import pytest
+import torch
+from trl.trainer.grpo_trainer import GRPOTrainer
+
+from fastrft_kernels import LossConfig, policy_loss, use_backend
+from fastrft_kernels.policy_loss import _high_entropy_mask
+
+LENGTHS = [5, 0, 7, 1, 9, 4]  # an empty completion (an all-masked row for TRL)
+MAXLEN = 12  # dr_grpo's max_completion_length
+
+
+class _OneProcess:
+    num_processes = 1
+
+    def gather(self, x):
+        return x
+
+    gather_for_metrics = gather
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        return x
+
+
+def _trl_self(config, logps, entropies, *, use_vllm):
+    """What `_compute_loss` reads off `self`, for `config` (TRL's epsilon is our epsilon_low)."""
+    ns = types.SimpleNamespace(
+        loss_type=config.loss_type,
+        importance_sampling_level=config.importance_sampling_level,
+        epsilon_low=config.epsilon_low,
+        epsilon_high=config.epsilon_high,
+        beta=config.beta,
+        top_entropy_quantile=config.top_entropy_quantile,
+        max_completion_length=config.max_completion_length,
+        off_policy_mask_threshold=None,
+        use_vllm=use_vllm,
+        vllm_importance_sampling_correction=use_vllm,
+        aux_loss_enabled=False,
+        _entropy_bonus_enabled=False,
+        current_gradient_accumulation_steps=1,
+        model=types.SimpleNamespace(training=True),
+        accelerator=_OneProcess(),
+        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
+        args=types.SimpleNamespace(
+            delta=config.delta,
+            use_bias_correction_kl=config.use_bias_correction_kl,
+            sapo_temperature_pos=config.sapo_temperature_pos,
+            sapo_temperature_neg=config.sapo_temperature_neg,
+            steps_per_generation=1,
+        ),
+    )
+    ns._get_per_token_logps_and_entropies = lambda *a, **k: (logps, entropies, None)
+    ns.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, ns)
+    return ns
+
+
+def _pad(x, cu, fill=0.0):
+    """[T] packed -> [S, max_len] padded (rows left-aligned, as TRL's completions)."""
+    S = cu.numel() - 1
+    width = max(max(LENGTHS), 1)
+    out = torch.full((S, width), fill, dtype=x.dtype)
+    for s in range(S):
+        a, b = int(cu[s]), int(cu[s + 1])
+        out[s, : b - a] = x[a:b]
+    return out
+
+
+def _batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0] + list(torch.tensor(LENGTHS).cumsum(0)), dtype=torch.int32)
+    T, S = int(cu[-1]), len(LENGTHS)
+    # fp32 values held in float64: TRL runs in float64, the triton path sees the very same numbers
+    logp = -(torch.rand(T, generator=g) * 2 + 0.05)
+    return dict(
+        cu=cu,
+        logp=logp.double(),
+        old=(logp + 0.35 * torch.randn(T, generator=g)).double(),
+        ref=(logp + 0.3 * torch.randn(T, generator=g)).double(),
+        entropy=(torch.rand(T, generator=g) * 3).double(),
+        isr=(0.5 + torch.rand(T, generator=g)).double(),
+        tool_mask=torch.rand(T, generator=g) > 0.2,  # ignored tokens inside completions
+        adv=torch.tensor([0.8, -0.4, -1.1, 0.3, 1.4, -0.6], dtype=torch.float64)[:S],
+    )
+
+
+def _trl_loss(config, b, *, off_policy, with_isr):
+    cu = b["cu"]
+    lengths = cu.diff()
+    width = max(max(LENGTHS), 1)
+    completion_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # [S, W]
+    logps = _pad(b["logp"], cu).requires_grad_(True)  # [S, W] the "model output"
+    inputs = {
+        "prompt_ids": torch.zeros(len(LENGTHS), 1, dtype=torch.long),
+        "prompt_mask": torch.ones(len(LENGTHS), 1, dtype=torch.long),
+        "completion_ids": torch.zeros(len(LENGTHS), width, dtype=torch.long),
+        "completion_mask": completion_mask,
+        "tool_mask": _pad(b["tool_mask"].long(), cu, 0),
+        "advantages": b["adv"],
+        "num_items_in_batch": (completion_mask * _pad(b["tool_mask"].long(), cu, 0)).sum(),
+        "ref_per_token_logps": _pad(b["ref"], cu),
+    }
+    if off_policy:
+        inputs["old_per_token_logps"] = _pad(b["old"], cu)
+    if with_isr:
+        inputs["importance_sampling_ratio"] = _pad(b["isr"], cu, 1.0)
+    ns = _trl_self(config, logps, _pad(b["entropy"], cu), use_vllm=with_isr)
+    loss = GRPOTrainer._compute_loss(ns, None, inputs)
+    loss.backward()
+    valid = completion_mask.bool()
+    grad = logps.grad[valid]  # [T] back in packed order (rows are consecutive sequences)
+    return loss.detach(), ns._metrics["train"], grad
+
+
+CASES = [
+    # (loss_type, level, beta, delta, bias correction, top_entropy_quantile, off-policy, IS ratio)
+    ("grpo", "token", 0.0, None, False, 1.0, True, False),
+    ("grpo", "sequence", 0.04, 1.5, True, 1.0, True, True),
+    ("bnpo", "token", 0.04, 1.5, False, 0.6, True, True),
+    ("dr_grpo", "token", 0.04, None, True, 1.0, True, False),
+    ("dr_grpo", "sequence", 0.0, 1.5, False, 0.6, True, True),
+    ("dapo", "token", 0.04, 1.5, True, 0.6, True, True),
+    ("dapo", "token", 0.04, None, True, 1.0, False, False),  # on-policy: ratio 1, gradient flows
+    ("dapo", "sequence", 0.04, None, False, 1.0, True, False),
+    ("cispo", "token", 0.04, None, True, 1.0, True, True),
+    ("cispo", "sequence", 0.0, None, False, 0.6, True, False),
+    ("sapo", "token", 0.04, None, False, 1.0, True, True),
+    ("sapo", "sequence", 0.04, None, True, 0.6, False, False),
+    ("luspo", "sequence", 0.04, 1.5, True, 1.0, True, True),
+    ("luspo", "token", 0.0, None, False, 0.6, True, False),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x) for x in c))
+def test_loss_gradient_and_metrics_equal_trl(case, backend):
+    loss_type, level, beta, delta, bc, quantile, off_policy, with_isr = case
+    config = LossConfig(
+        loss_type=loss_type, importance_sampling_level=level, beta=beta, delta=delta, use_bias_correction_kl=bc,
+        top_entropy_quantile=quantile, max_completion_length=MAXLEN,
+        epsilon_high=5.0 if loss_type == "cispo" else 0.28,
+    )
+    b = _batch(seed=len(loss_type) + 10 * (level == "sequence"))
+    want_loss, metrics, want_grad = _trl_loss(config, b, off_policy=off_policy, with_isr=with_isr)
+    dtype = torch.float64 if backend != "triton" else torch.float32  # TRL ran in float64
+    cast = lambda x: x.to(dtype)  # noqa: E731
+    logp = cast(b["logp"]).requires_grad_(True)
+    with use_backend(backend):
+        loss, stats = policy_loss(
+            logp, cast(b["adv"]), b["cu"], old_logp=cast(b["old"]) if off_policy else None,
+            ref_logp=cast(b["ref"]), entropy=cast(b["entropy"]),
+            importance_sampling_ratio=cast(b["isr"]) if with_isr else None, mask=b["tool_mask"], config=config,
+        )
+    loss.backward()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert abs(loss.item() - want_loss.item()) <= tol * max(1.0, abs(want_loss.item()))
+    assert torch.allclose(logp.grad.double(), want_grad, rtol=tol, atol=tol * want_grad.abs().max().item())
+    # TRL's logged metrics (one value each) against ours
+    names = {"entropy": "entropy"}
+    if beta != 0.0:
+        names["kl"] = "kl"
+    if loss_type == "cispo":
+        names["cispo_clip_ratio"] = "clip_ratio/high_mean"
+    elif loss_type != "sapo":
+        names.update({k: k for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")})
+    for trl_name, ours in names.items():
+        (value,) = metrics[trl_name]
+        assert stats[ours].item() == pytest.approx(value, rel=1e-5, abs=1e-7), trl_name
+    assert ("kl" in metrics) == (beta != 0.0)
+
+
+@pytest.mark.parametrize("quantile", [0.2, 0.5, 0.75, 1.0 / 3.0])
+def test_high_entropy_mask_equals_trl(quantile):
+    """The sync-free quantile (sort with invalid entries last) gives TRL's mask bit for bit, ties included."""
+    g = torch.Generator().manual_seed(7)
+    T = 53
+    entropy = torch.rand(T, generator=g)
+    entropy[10:14] = entropy[3]  # ties at what may be the threshold
+    mask = torch.rand(T, generator=g) > 0.3
+    ns = types.SimpleNamespace(accelerator=_OneProcess())
+    want = GRPOTrainer.get_high_entropy_mask(ns, entropy[None], mask[None].long(), 1 - quantile)[0]
+    got = _high_entropy_mask(entropy, mask, quantile)
+    assert torch.equal(got, want)
+    assert got.sum() > 0
+    none = _high_entropy_mask(entropy, torch.zeros(T, dtype=torch.bool), quantile)
+    assert not none.any()  # TRL: no valid token, no token kept
