@@ -37,6 +37,7 @@ memory O(chunk x V); the CPU path) and `reference` (materializes logits; float64
 from __future__ import annotations
 
 import os
+import types
 
 import torch
 
@@ -240,18 +241,30 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per kernel, each compiled for sm_80 and
 # sm_90 without spills (python -m fastrft_kernels.aot). Every BLOCK_V divides _V_PER_SPLIT.
 _CONFIGS = {
-    "fwd": [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 32, 4, 4)],
-    "dx": [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 32, 4, 4)],
-    "dw": [(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (256, 64, 64, 8, 3), (128, 128, 32, 4, 4)],
+    # Measured with the AOT gate on sm_90 (H % BLOCK_H == 0 variant). 64 x 128 tiles at 4 warps
+    # spilled 64-1200 B; at 8 warps with BLOCK_H 64, 48-1300 B. These spill nothing in bf16 and
+    # fp16; in fp32 (IEEE, FMA path) the backward kernels still spill 12-24 B per thread.
+    "fwd": [(64, 128, 32, 8, 3)],
+    "dx": [(64, 128, 16, 8, 3)],
+    "dw": [(64, 128, 16, 8, 3)],
 }
 
 if _HAVE_TRITON:
 
     @triton.jit
+    def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + a @ b. UPCAST (interpreter only): Triton 3.9's interpreter multiplies bf16 tiles
+        as their raw uint16 bits; fp32 operands hold the same bf16 values exactly, and the MMA
+        on a GPU also forms exact products with fp32 accumulation."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
     def _logits_tile(
         X, W, B, n0, v0, v_end, M, H, stride_xn, stride_wv, inv_temp,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-        EVEN_H: tl.constexpr, PRECISION: tl.constexpr,
+        EVEN_H: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """z = (X[n0:] @ W[v0:].T + B[v0:]) / T as a [BLOCK_N, BLOCK_V] fp32 tile; -inf from v_end on.
 
@@ -279,12 +292,18 @@ if _HAVE_TRITON:
                 h_mask = h < H
                 x = tl.load(x_rows + h[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
                 w = tl.load(w_rows + h[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+            acc = _tile.dot(x, tl.trans(w), acc, PRECISION, UPCAST)
         if HAS_BIAS:
             b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
             acc += b[None, :]
         z = acc * inv_temp
         return tl.where(col_mask[None, :], z, float("-inf"))
+
+    # The tile helpers live in a namespace, not at module level: the AOT gate lists every
+    # module-level @triton.jit function as a kernel to compile, and these are inlined into
+    # the kernels it does compile.
+    _tile = types.SimpleNamespace(dot=_dot, logits=_logits_tile)
+    del _dot, _logits_tile
 
     @triton.jit
     def _fwd_partial_kernel(
@@ -294,7 +313,7 @@ if _HAVE_TRITON:
         inv_temp,
         HAS_BIAS: tl.constexpr, WANT_ENT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr = False,
     ):
         """Pass A: per (row block, vocab split) the online max m, sum e^(z-m), sum e^(z-m)(z-m)."""
         if EVEN_H:  # H % BLOCK_H == 0 and 16-element aligned rows: tell the compiler (vector loads)
@@ -311,9 +330,9 @@ if _HAVE_TRITON:
         v_start = split * V_PER_SPLIT
         v_end = tl.minimum(v_start + V_PER_SPLIT, V)
         for v0 in range(v_start, v_end, BLOCK_V):
-            z = _logits_tile(
+            z = _tile.logits(
                 X, W, B, n0, v0, v_end, M, H, stride_xn, stride_wv, inv_temp,
-                HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION,
+                HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION, UPCAST,
             )
             m_new = tl.maximum(m_i, tl.max(z, axis=1))  # finite: every tile has a column < v_end
             alpha = tl.exp(m_i - m_new)  # 0 on the first tile (m_i = -inf)
@@ -396,6 +415,9 @@ if _HAVE_TRITON:
         # padding rows/columns may hold inf * 0: zero them so they never reach dX or dW
         return tl.where(row_mask[:, None] & (cols < v_end)[None, :], dl * inv_temp, 0.0)
 
+    _tile.dlogits = _dlogits_tile
+    del _dlogits_tile
+
     @triton.jit
     def _bwd_dx_kernel(
         X, W, B, TGT, LSE, EZ, G_LP, G_ENT, DX_PART,
@@ -404,7 +426,7 @@ if _HAVE_TRITON:
         inv_temp,
         HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr = False,
     ):
         """dX partial [split, M, H] fp32 (zero-filled by the caller): this program owns rows x split."""
         if EVEN_H:  # H % BLOCK_H == 0 and 16-element aligned rows: tell the compiler (vector loads)
@@ -429,11 +451,11 @@ if _HAVE_TRITON:
         v_start = split * V_PER_SPLIT
         v_end = tl.minimum(v_start + V_PER_SPLIT, V)
         for v0 in range(v_start, v_end, BLOCK_V):
-            z = _logits_tile(
+            z = _tile.logits(
                 X, W, B, n0, v0, v_end, M, H, stride_xn, stride_wv, inv_temp,
-                HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION,
+                HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION, UPCAST,
             )
-            dl = _dlogits_tile(z, tgt, v0, v_end, row_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT, BLOCK_V)
+            dl = _tile.dlogits(z, tgt, v0, v_end, row_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT, BLOCK_V)
             dl = dl.to(W.dtype.element_ty)  # the GEMM runs in the input dtype, as plain PyTorch's
             cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
             w_ptrs = W + cols[:, None] * stride_wv + offs_h[None, :]  # [BV, BH]
@@ -443,7 +465,7 @@ if _HAVE_TRITON:
                 w = tl.load(w_ptrs, mask=(cols < v_end)[:, None] & h_mask[None, :], other=0.0)
                 d_mask = row_mask[:, None] & h_mask[None, :]
                 acc = tl.load(d_ptrs, mask=d_mask, other=0.0)
-                acc = tl.dot(dl, w, acc, input_precision=PRECISION)
+                acc = _tile.dot(dl, w, acc, PRECISION, UPCAST)
                 tl.store(d_ptrs, acc, mask=d_mask)
                 w_ptrs += BLOCK_H
                 d_ptrs += BLOCK_H
@@ -456,7 +478,7 @@ if _HAVE_TRITON:
         inv_temp,
         HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, NEED_DB: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr = False,
     ):
         """dW [V, H] fp32 (zero-filled) and dbias [V] fp32: this program owns BLOCK_V vocab rows."""
         if EVEN_H:  # H % BLOCK_H == 0 and 16-element aligned rows: tell the compiler (vector loads)
@@ -479,11 +501,11 @@ if _HAVE_TRITON:
             else:
                 ez = lse
                 g_ent = g_lp
-            z = _logits_tile(
+            z = _tile.logits(
                 X, W, B, n0, v0, V, M, H, stride_xn, stride_wv, inv_temp,
-                HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION,
+                HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION, UPCAST,
             )
-            dl = _dlogits_tile(z, tgt, v0, V, row_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT, BLOCK_V)
+            dl = _tile.dlogits(z, tgt, v0, V, row_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT, BLOCK_V)
             if NEED_DB:
                 db += tl.sum(dl, axis=0)
             dlt = tl.trans(dl.to(X.dtype.element_ty))  # [BV, BN]
@@ -494,7 +516,7 @@ if _HAVE_TRITON:
                 x = tl.load(x_ptrs, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
                 d_mask = (cols < V)[:, None] & h_mask[None, :]
                 acc = tl.load(d_ptrs, mask=d_mask, other=0.0)
-                acc = tl.dot(dlt, x, acc, input_precision=PRECISION)
+                acc = _tile.dot(dlt, x, acc, PRECISION, UPCAST)
                 tl.store(d_ptrs, acc, mask=d_mask)
                 x_ptrs += BLOCK_H
                 d_ptrs += BLOCK_H
@@ -583,6 +605,8 @@ def _triton_stats(x, weight, bias, inv_t, want_entropy):
     )
     flags = dict(HAS_BIAS=bias is not None, WANT_ENT=want_entropy, PRECISION=_precision(x.dtype))
     if interp:
+        flags["UPCAST"] = x.dtype == torch.bfloat16
+    if interp:
         blocks = {k: INTERPRETER_BLOCKS[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
         blocks["EVEN_H"] = _even(h, blocks["BLOCK_H"], x.stride(0), weight.stride(0))
         _fwd_partial_kernel[(triton.cdiv(m, blocks["BLOCK_N"]), n_splits)](*common, **flags, **blocks)
@@ -623,6 +647,8 @@ def _triton_backward(x, weight, bias, tgt, lse, ez, g_lp, g_ent, inv_t, need_x, 
     ge_arg = g_ent if has_ent else g_lp
     strides = (x.stride(0), weight.stride(0))
     flags = dict(HAS_BIAS=bias is not None, HAS_ENT=has_ent, PRECISION=_precision(x.dtype))
+    if interp:
+        flags["UPCAST"] = x.dtype == torch.bfloat16
     blocks = {k: INTERPRETER_BLOCKS[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
     blocks["EVEN_H"] = _even(h, blocks["BLOCK_H"], x.stride(0), weight.stride(0))
     dx = dw = db = None
@@ -816,12 +842,12 @@ def aot_configs():
                     "stride_xn": "i64", "stride_wv": "i64",
                     "inv_temp": "fp32", "HAS_BIAS": "constexpr", "WANT_ENT": "constexpr",
                     "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr",
-                    "EVEN_H": "constexpr", "PRECISION": "constexpr",
+                    "EVEN_H": "constexpr", "PRECISION": "constexpr", "UPCAST": "constexpr",
                 }
                 out.append(AOTKernel(
                     name=f"linear_logprob_fwd_{tdt[1:]}_ent{int(has_ent)}_{_cfg_name(cfg)}",
                     fn=_fwd_partial_kernel, signature=sig,
-                    constexprs=dict(HAS_BIAS=True, WANT_ENT=has_ent, EVEN_H=True, PRECISION=prec, **cfg.kwargs),
+                    constexprs=dict(HAS_BIAS=True, WANT_ENT=has_ent, EVEN_H=True, PRECISION=prec, UPCAST=False, **cfg.kwargs),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 ))
             bwd_sig = {
@@ -832,22 +858,22 @@ def aot_configs():
                 sig = dict(bwd_sig, DX_PART="*fp32", M="i32", H="i32", V="i32", V_PER_SPLIT="i32",
                            stride_xn="i64", stride_wv="i64",
                            inv_temp="fp32", HAS_BIAS="constexpr", HAS_ENT="constexpr", BLOCK_N="constexpr",
-                           BLOCK_V="constexpr", BLOCK_H="constexpr", EVEN_H="constexpr", PRECISION="constexpr")
+                           BLOCK_V="constexpr", BLOCK_H="constexpr", EVEN_H="constexpr", PRECISION="constexpr", UPCAST="constexpr")
                 out.append(AOTKernel(
                     name=f"linear_logprob_bwd_dx_{tdt[1:]}_ent{int(has_ent)}_{_cfg_name(cfg)}",
                     fn=_bwd_dx_kernel, signature=sig,
-                    constexprs=dict(HAS_BIAS=True, HAS_ENT=has_ent, EVEN_H=True, PRECISION=prec, **cfg.kwargs),
+                    constexprs=dict(HAS_BIAS=True, HAS_ENT=has_ent, EVEN_H=True, PRECISION=prec, UPCAST=False, **cfg.kwargs),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 ))
             for cfg in _configs("dw"):
                 sig = dict(bwd_sig, DW="*fp32", DB="*fp32", M="i32", H="i32", V="i32",
                            stride_xn="i64", stride_wv="i64",
                            inv_temp="fp32", HAS_BIAS="constexpr", HAS_ENT="constexpr", NEED_DB="constexpr",
-                           BLOCK_N="constexpr", BLOCK_V="constexpr", BLOCK_H="constexpr", EVEN_H="constexpr", PRECISION="constexpr")
+                           BLOCK_N="constexpr", BLOCK_V="constexpr", BLOCK_H="constexpr", EVEN_H="constexpr", PRECISION="constexpr", UPCAST="constexpr")
                 out.append(AOTKernel(
                     name=f"linear_logprob_bwd_dw_{tdt[1:]}_ent{int(has_ent)}_{_cfg_name(cfg)}",
                     fn=_bwd_dw_kernel, signature=sig,
-                    constexprs=dict(HAS_BIAS=True, HAS_ENT=has_ent, NEED_DB=True, EVEN_H=True, PRECISION=prec, **cfg.kwargs),
+                    constexprs=dict(HAS_BIAS=True, HAS_ENT=has_ent, NEED_DB=True, EVEN_H=True, PRECISION=prec, UPCAST=False, **cfg.kwargs),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 ))
     for tdt in dtypes:
