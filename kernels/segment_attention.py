@@ -32,15 +32,29 @@ import math
 
 import torch
 
-from ._backend import resolve_backend
+from ._backend import interpreting, resolve_backend
 from ._checks import check_cu_seqlens, check_same_device, check_tensor
 from .segments import CAUSAL, Segments, segments_from_cu_seqlens
 
 _LOG2E = 1.4426950408889634
-# Tiles: 64 x 64 keeps the dK/dV accumulators (2 x [64, 128] fp32) in registers at D = 128
-# with 8 warps, and wastes at most 63 rows on a boundary; see aot_configs().
-BLOCK_Q = 64
-BLOCK_K = 64
+# Tiles (BLOCK_Q, BLOCK_K) per input dtype. fp16/bf16: 64 x 64 keeps the dK/dV accumulators
+# (2 x [64, 128] fp32) in registers at D = 128 with 8 warps (no spill on sm_80/sm_90, see
+# aot_configs()). fp32 runs exact-fp32 dots (no tensor cores; fp32 is the test and CPU
+# dtype, not the training one): 32 x 32 is what fits its FMA layouts without spilling.
+_BLOCKS = {torch.float16: (64, 64), torch.bfloat16: (64, 64), torch.float32: (16, 32)}
+# Backward tiles: half the query rows of the forward's. Each backward iteration holds q, dO,
+# the score tile and dp at once; with 64 query rows the BD = 128 kernels spilled 32-136 B.
+# The backward walks its own plan (built once, cached beside the forward's).
+_BLOCKS_BWD = {torch.float16: (32, 64), torch.bfloat16: (32, 64), torch.float32: (16, 32)}
+BLOCK_Q, BLOCK_K = _BLOCKS[torch.bfloat16]
+
+
+def _blocks(dtype: torch.dtype, block_d: int, backward: bool) -> tuple[int, int]:
+    if backward:
+        return _BLOCKS_BWD[dtype]
+    if dtype == torch.float32 and block_d <= 64:
+        return (32, 32)  # fits at BD = 64 (168 registers, no spill); 16 x 32 spilled 8 B on sm_80 there
+    return _BLOCKS[dtype]
 # torch path: queries per chunk (scores [Hq, 128, span] fp32 at a time).
 TORCH_CHUNK = 128
 _MAX_HEAD_DIM = 256
@@ -67,11 +81,12 @@ if triton is not None:
 
     @triton.jit
     def _tile_mask(SEG, ENT, n_ent, offs_q, offs_k):
-        """[BLOCK_Q, BLOCK_K] bool: OR over the q-block's entries of (row in entry, column in
-        entry, and for causal entries column - row <= k_end - q_end)."""
-        rows = offs_q[:, None]
-        cols = offs_k[None, :]
-        mask = (rows < 0) & (cols < 0)
+        """[BLOCK_Q, BLOCK_K] bool: OR over the q-block's entries. Entry e gives row i the key
+        interval [k_start, hi_i): hi_i = k_end (full) or min(k_end, i + k_end - q_end + 1)
+        (causal, bottom-right), empty for rows outside [q_start, q_end). Rows are reduced to
+        [BLOCK_Q] bounds first so each element costs 2 compares and 2 logic ops per entry."""
+        cols = offs_k[None, :]  # [1, BK]
+        mask = (offs_q[:, None] < 0) & (cols < 0)  # [BQ, BK] all False
         for i in range(0, n_ent):
             e = tl.load(ENT + i)
             qs = tl.load(SEG + e * 5 + 0)
@@ -79,9 +94,9 @@ if triton is not None:
             ks = tl.load(SEG + e * 5 + 2)
             ke = tl.load(SEG + e * 5 + 3)
             kind = tl.load(SEG + e * 5 + 4)
-            m = (rows >= qs) & (rows < qe) & (cols >= ks) & (cols < ke)
-            m = m & ((kind == 0) | ((cols - rows) <= (ke - qe)))
-            mask = mask | m
+            hi = tl.where(kind == 0, ke, tl.minimum(ke, offs_q + (ke - qe) + 1))  # [BQ]
+            hi = tl.where((offs_q >= qs) & (offs_q < qe), hi, ks)
+            mask = mask | ((cols >= ks) & (cols < hi[:, None]))
         return mask
 
     @triton.jit
@@ -91,7 +106,7 @@ if triton is not None:
         Tq, Tk, qk_scale,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         stride_tiles, stride_ent,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        GROUP, HEAD_DIM, BLOCK_D: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
         INTERP_BF16: tl.constexpr,
     ):
@@ -147,7 +162,7 @@ if triton is not None:
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dkt, stride_dkh, stride_dvt, stride_dvh,
         stride_tiles, stride_ent,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        GROUP, HEAD_DIM, BLOCK_D: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
         INTERP_BF16: tl.constexpr,
     ):
@@ -203,7 +218,7 @@ if triton is not None:
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dqt, stride_dqh,
         stride_tiles, stride_ent,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        GROUP, HEAD_DIM, BLOCK_D: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
         INTERP_BF16: tl.constexpr,
     ):
@@ -246,24 +261,31 @@ if triton is not None:
                  dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
-def _launch_meta(q: torch.Tensor) -> dict:
-    D = q.shape[-1]
+# Backward: one stage (no software pipelining of the q-tile loads): at two stages the
+# in-flight q/dO tiles pushed the BD = 128 kernels past 255 registers (56-60 B spilled).
+_STAGES_BWD = 1
+
+
+def _launch_meta(q: torch.Tensor, backward: bool = False) -> dict:
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    bq, bk = _blocks(q.dtype, block_d, backward)
     return dict(
-        HEAD_DIM=D,
-        BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_Q=BLOCK_Q,
-        BLOCK_K=BLOCK_K,
+        BLOCK_D=block_d,
+        BLOCK_Q=bq,
+        BLOCK_K=bk,
         # fp32 inputs are held to 1e-5 relative error: tf32 (10-bit mantissa) would give ~1e-3
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         INTERP_BF16=q.dtype == torch.bfloat16 and q.device.type != "cuda",
     )
 
 
-def _warps(kernel: str, block_d: int) -> int:
-    # dK/dV holds 2 fp32 [64, BD] accumulators: 8 warps keep them at 32 registers each at BD = 128
-    if kernel == "dkdv":
-        return 8 if block_d >= 128 else 4
-    return 4
+def _warps(kernel: str, block_d: int, dtype=torch.bfloat16) -> int:
+    # At BD = 128 a [64, 128] fp32 accumulator is 64 registers per thread with 4 warps; the
+    # fwd tile adds q, k, v and two [64, 64] score tiles: 8 warps halve all of that. The
+    # backward holds two more tiles (dO, dp) and spilled 8-112 B at 4 warps even at BD = 64.
+    if dtype == torch.float32:
+        return 4
+    return 8 if (block_d >= 128 or kernel != "fwd") else 4
 
 
 def _triton_forward(q, k, v, plan, scale):
@@ -271,6 +293,9 @@ def _triton_forward(q, k, v, plan, scale):
     Tk, Hk, _ = k.shape
     out = torch.empty_like(q)  # [Tq, Hq, D]
     lse = torch.empty(Hq, Tq, dtype=torch.float32, device=q.device)  # [Hq, Tq]
+    if interpreting():  # poison: a row the kernel forgets to write shows up as NaN in tests
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
     meta = _launch_meta(q)
     grid = (plan.n_qblocks, Hq)
     _seg_attn_fwd_kernel[grid](
@@ -279,7 +304,7 @@ def _triton_forward(q, k, v, plan, scale):
         Tq, Tk, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         plan.q_tiles.stride(0), plan.q_entries.stride(0),
-        GROUP=Hq // Hk, **meta, num_warps=_warps("fwd", meta["BLOCK_D"]), num_stages=2,
+        Hq // Hk, D, **meta, num_warps=_warps("fwd", meta["BLOCK_D"], q.dtype), num_stages=2,
     )
     return out, lse
 
@@ -295,7 +320,10 @@ def _triton_backward(q, k, v, out, lse, dout, dlse, plan, scale):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    meta = _launch_meta(q)
+    if interpreting():
+        for x in (dq, dk, dv):
+            x.fill_(float("nan"))
+    meta = _launch_meta(q, backward=True)
     _seg_attn_bwd_dkdv_kernel[(plan.n_kblocks, Hk)](
         q, k, v, dout, lse, delta, dk, dv,
         plan.table, plan.k_tiles, plan.k_count, plan.q_entries, plan.q_ecount,
@@ -303,7 +331,7 @@ def _triton_backward(q, k, v, out, lse, dout, dlse, plan, scale):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         plan.k_tiles.stride(0), plan.q_entries.stride(0),
-        GROUP=Hq // Hk, **meta, num_warps=_warps("dkdv", meta["BLOCK_D"]), num_stages=2,
+        Hq // Hk, D, **meta, num_warps=_warps("dkdv", meta["BLOCK_D"], q.dtype), num_stages=_STAGES_BWD,
     )
     _seg_attn_bwd_dq_kernel[(plan.n_qblocks, Hq)](
         q, k, v, dout, lse, delta, dq,
@@ -312,17 +340,17 @@ def _triton_backward(q, k, v, out, lse, dout, dlse, plan, scale):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
         dq.stride(0), dq.stride(1),
         plan.q_tiles.stride(0), plan.q_entries.stride(0),
-        GROUP=Hq // Hk, **meta, num_warps=_warps("dq", meta["BLOCK_D"]), num_stages=2,
+        Hq // Hk, D, **meta, num_warps=_warps("dq", meta["BLOCK_D"], q.dtype), num_stages=_STAGES_BWD,
     )
     return dq, dk, dv
 
 
 class _TritonSegmentAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale):
+    def forward(ctx, q, k, v, plan, plan_bwd, scale):
         out, lse = _triton_forward(q, k, v, plan, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.scale = plan_bwd, scale
         return out, lse
 
     @staticmethod
@@ -331,7 +359,7 @@ class _TritonSegmentAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = _triton_backward(q, k, v, out, lse, dout, dlse, ctx.plan, ctx.scale)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 # =============================================================================== torch path
@@ -483,8 +511,10 @@ def segment_attention(q, k, v, segments: Segments, *, softmax_scale: float | Non
         if q.dtype == torch.float64:
             raise TypeError("the triton backend takes float16, bfloat16 or float32 q/k/v, got float64")
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        plan = segments.plan(Tq, Tk, BLOCK_Q, BLOCK_K, q.device)
-        out, lse = _TritonSegmentAttention.apply(q, k, v, plan, scale)
+        block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+        plan = segments.plan(Tq, Tk, *_blocks(q.dtype, block_d, False), q.device)
+        plan_bwd = segments.plan(Tq, Tk, *_blocks(q.dtype, block_d, True), q.device) if torch.is_grad_enabled() else None
+        out, lse = _TritonSegmentAttention.apply(q, k, v, plan, plan_bwd, scale)
     return (out, lse) if return_lse else out
 
 
@@ -529,40 +559,37 @@ _VARLEN_CACHE: dict = {}
 
 # =============================================================================== AOT configs
 def aot_configs():
-    """Every shipped configuration: 3 kernels x 3 dtypes x head dims 64, 72, 80, 96, 128."""
+    """Every shipped configuration: 3 kernels x 3 dtypes x BLOCK_D 64 (D = 64) and 128
+    (D = 72, 80, 96, 128: the head dim is a runtime argument, padded inside the kernel)."""
     from .aot import AOTKernel
 
+    i32 = "i32"
     out = []
     for dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        for D in (64, 72, 80, 96, 128):
-            BD = triton.next_power_of_2(D)
-            prec = "ieee" if dtype == torch.float32 else "tf32"
-            common = dict(GROUP=None, HEAD_DIM=D, BLOCK_D=BD, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, DOT_PRECISION=prec,
-                          INTERP_BF16=False)
-            ptr, i32 = f"*{ty}", "i32"
-            tables = {"SEG": "*i32", "Q_ENT": "*i32", "Q_ECOUNT": "*i32"}
-            strides_qkv = {n: i32 for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh")}
-            tail = {"stride_tiles": i32, "stride_ent": i32}
-            consts = {k: "constexpr" for k in common}
-            for group in (1, 8):  # 8: Qwen2.5-VL-3B text (16 q heads over 2 kv heads); 1: its vision tower
-                cx = dict(common, GROUP=group)
-                fwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", **{"SEG": "*i32", "Q_TILES": "*i32",
-                           "Q_COUNT": "*i32", "Q_ENT": "*i32", "Q_ECOUNT": "*i32"}, "Tq": i32, "Tk": i32,
-                           "qk_scale": "fp32", **strides_qkv, "stride_ot": i32, "stride_oh": i32, **tail, **consts}
-                dkdv_sig = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr,
-                            "DV": ptr, "SEG": "*i32", "K_TILES": "*i32", "K_COUNT": "*i32", **{k: tables[k] for k in
-                            ("Q_ENT", "Q_ECOUNT")}, "Tq": i32, "Tk": i32, "qk_scale": "fp32", "sm_scale": "fp32",
-                            **strides_qkv, "stride_dot": i32, "stride_doh": i32, "stride_dkt": i32, "stride_dkh": i32,
-                            "stride_dvt": i32, "stride_dvh": i32, **tail, **consts}
-                dq_sig = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ptr,
-                          "SEG": "*i32", "Q_TILES": "*i32", "Q_COUNT": "*i32", "Q_ENT": "*i32", "Q_ECOUNT": "*i32",
-                          "Tq": i32, "Tk": i32, "qk_scale": "fp32", "sm_scale": "fp32", **strides_qkv,
-                          "stride_dot": i32, "stride_doh": i32, "stride_dqt": i32, "stride_dqh": i32, **tail, **consts}
-                tag = f"{ty},D={D},G={group},BQ={BLOCK_Q},BK={BLOCK_K}"
-                out.append(AOTKernel(f"segment_attention_fwd[{tag}]", _seg_attn_fwd_kernel, fwd_sig, cx,
-                                     num_warps=_warps("fwd", BD), num_stages=2))
-                out.append(AOTKernel(f"segment_attention_bwd_dkdv[{tag}]", _seg_attn_bwd_dkdv_kernel, dkdv_sig, cx,
-                                     num_warps=_warps("dkdv", BD), num_stages=2))
-                out.append(AOTKernel(f"segment_attention_bwd_dq[{tag}]", _seg_attn_bwd_dq_kernel, dq_sig, cx,
-                                     num_warps=_warps("dq", BD), num_stages=2))
+        ptr = f"*{ty}"
+        for block_d in (64, 128):
+            cx = dict(BLOCK_D=block_d, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", INTERP_BF16=False)
+            consts = {k: "constexpr" for k in (*cx, "BLOCK_Q", "BLOCK_K")}
+            qkv_strides = {n: i32 for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh")}
+            tail = {"stride_tiles": i32, "stride_ent": i32, "GROUP": i32, "HEAD_DIM": i32, **consts}
+            fwd = {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "SEG": "*i32", "Q_TILES": "*i32",
+                   "Q_COUNT": "*i32", "Q_ENT": "*i32", "Q_ECOUNT": "*i32", "Tq": i32, "Tk": i32, "qk_scale": "fp32",
+                   **qkv_strides, "stride_ot": i32, "stride_oh": i32, **tail}
+            dkdv = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr, "DV": ptr,
+                    "SEG": "*i32", "K_TILES": "*i32", "K_COUNT": "*i32", "Q_ENT": "*i32", "Q_ECOUNT": "*i32",
+                    "Tq": i32, "Tk": i32, "qk_scale": "fp32", "sm_scale": "fp32", **qkv_strides,
+                    "stride_dot": i32, "stride_doh": i32, "stride_dkt": i32, "stride_dkh": i32,
+                    "stride_dvt": i32, "stride_dvh": i32, **tail}
+            dq = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ptr,
+                  "SEG": "*i32", "Q_TILES": "*i32", "Q_COUNT": "*i32", "Q_ENT": "*i32", "Q_ECOUNT": "*i32",
+                  "Tq": i32, "Tk": i32, "qk_scale": "fp32", "sm_scale": "fp32", **qkv_strides,
+                  "stride_dot": i32, "stride_doh": i32, "stride_dqt": i32, "stride_dqh": i32, **tail}
+            for name, fn, sig, which in (("fwd", _seg_attn_fwd_kernel, fwd, "fwd"),
+                                         ("bwd_dkdv", _seg_attn_bwd_dkdv_kernel, dkdv, "dkdv"),
+                                         ("bwd_dq", _seg_attn_bwd_dq_kernel, dq, "dq")):
+                bq, bk = _blocks(dtype, block_d, which != "fwd")
+                tag = f"{ty},BD={block_d},BQ={bq},BK={bk}"
+                out.append(AOTKernel(f"segment_attention_{name}[{tag}]", fn, sig, dict(cx, BLOCK_Q=bq, BLOCK_K=bk),
+                                     num_warps=_warps(which, block_d, dtype),
+                                     num_stages=2 if which == "fwd" else _STAGES_BWD))
     return out
