@@ -19,17 +19,20 @@ def load_processor(name: str):
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     try:
-        return AutoProcessor.from_pretrained(name)
+        proc = AutoProcessor.from_pretrained(name)
+        if hasattr(proc, "image_processor"):
+            return proc
     except (ValueError, TypeError, AttributeError, ImportError, OSError, KeyError):
         pass
+    # AutoProcessor gave a bare tokenizer or failed: a text-only model, or a Qwen-VL folder
+    # whose processor class cannot load here (its video processor needs torchvision)
     tok = AutoTokenizer.from_pretrained(name)
     try:
         image_processor = AutoImageProcessor.from_pretrained(name, backend="pil")
     except (ValueError, TypeError, OSError, ImportError, KeyError):
-        return tok  # a text-only model
+        return tok
     from .synthetic import image_text_processor
 
-    # a Qwen-VL folder whose video processor cannot load (it needs torchvision)
     return image_text_processor(image_processor, tok, getattr(tok, "chat_template", None))
 
 

@@ -142,6 +142,7 @@ def make_model_config(tokenizer, *, hidden_size: int = 128, num_layers: int = 2,
         temporal_patch_size=2,
         window_size=56,
         fullatt_block_indexes=[1],
+        initializer_range=0.1,
     )
     return Qwen2_5_VLConfig(
         text_config=text_config,
