@@ -220,19 +220,16 @@ def _build_plan(host: np.ndarray, Tq: int, Tk: int, BQ: int, BK: int, device) ->
     nk = max(1, math.ceil(Tk / BK))
     state = np.zeros((nq, nk), dtype=np.int8)  # 0 skip, 1 masked, 2 full
     entries_of_qblock: list[list[int]] = [[] for _ in range(nq)]
-    visible = 0
+    intervals = []  # (row, lo, hi) key interval per query row and entry, for the exact pair count
     for e, (qs, qe, ks, ke, kind) in enumerate(host.tolist()):
         if qs >= qe or ks >= ke:
             continue
         s = ke - qe  # causal: query i sees key j iff j - i <= s
-        if kind == CAUSAL:
-            # per query row i: keys [ks, min(ke, i + s + 1)); count them for the FLOP figure
-            rows = np.arange(qs, qe)
-            visible += int(np.clip(np.minimum(ke, rows + s + 1) - ks, 0, None).sum())
-            if qe - 1 + s < ks:
-                continue  # no query of the entry sees any of its keys
-        else:
-            visible += (qe - qs) * (ke - ks)
+        rows = np.arange(qs, qe)
+        hi = np.minimum(ke, rows + s + 1) if kind == CAUSAL else np.full_like(rows, ke)
+        intervals.append((rows, np.full_like(rows, ks), np.maximum(hi, ks)))
+        if kind == CAUSAL and qe - 1 + s < ks:
+            continue  # no query of the entry sees any of its keys
         qb = np.arange(qs // BQ, (qe - 1) // BQ + 1)  # [a]
         kb = np.arange(ks // BK, (ke - 1) // BK + 1)  # [b]
         r0 = qb * BQ
@@ -253,6 +250,8 @@ def _build_plan(host: np.ndarray, Tq: int, Tk: int, BQ: int, BK: int, device) ->
         np.maximum(sub, tile, out=sub)
         for b in qb.tolist():
             entries_of_qblock[b].append(e)
+
+    visible = _union_pairs(intervals, Tk)
 
     def lists(mat: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         counts = (mat > 0).sum(axis=1)
@@ -289,6 +288,21 @@ def _build_plan(host: np.ndarray, Tq: int, Tk: int, BQ: int, BK: int, device) ->
         masked_tiles=int((state == 1).sum()),
         visible_pairs=visible,
     )
+
+
+def _union_pairs(intervals, Tk: int) -> int:
+    """Number of (query, key) pairs in the union of per-row key intervals (overlaps once)."""
+    if not intervals:
+        return 0
+    rows = np.concatenate([r for r, _, _ in intervals]).astype(np.int64)
+    off = rows * (Tk + 1)  # rows apart on one line: intervals of different rows never touch
+    lo = np.concatenate([x for _, x, _ in intervals]) + off
+    hi = np.concatenate([x for _, _, x in intervals]) + off
+    order = np.lexsort((lo, rows))
+    lo, hi = lo[order], hi[order]
+    reach = np.maximum.accumulate(hi)  # furthest end covered so far
+    start = np.maximum(lo, np.concatenate([[lo[0]], reach[:-1]]))
+    return int(np.clip(hi - start, 0, None).sum())
 
 
 # --------------------------------------------------------------------------- builders
