@@ -224,7 +224,8 @@ def _high_entropy_mask(entropy, valid, quantile):
         return valid.clone()
     ordered = torch.sort(torch.where(valid, e32, torch.full_like(e32, math.inf))).values  # [T], valid first
     last = (valid.sum() - 1).to(torch.float32)  # n - 1 (-1 when no token is valid: all-False mask below)
-    rank = (torch.tensor(1.0 - quantile, dtype=torch.float32, device=e.device) * last).clamp(min=0)  # 0-dim
+    # fp32(n - 1) * fp32(1 - q), as torch.quantile's `q * last_index` (a Python scalar: no copy to the device)
+    rank = (last * (1.0 - quantile)).clamp(min=0)  # 0-dim
     below = rank.long().clamp(max=T - 1).reshape(1)  # [1]
     above = rank.ceil().long().clamp(max=T - 1).reshape(1)  # [1]
     threshold = torch.lerp(ordered.index_select(0, below), ordered.index_select(0, above), rank - below)  # [1]
@@ -238,24 +239,27 @@ def _segment_ids(cu_seqlens, T):
 
 
 def _normalizers(config, n_seq, dtype):
-    """ν_s (S,): the weight of sequence s's sum of m L in the loss (TRL's normalizers)."""
+    """ν_s (S,): the weight of sequence s's sum of m L in the loss (TRL's normalizers).
+
+    Host numbers enter as fills (torch.full), never as host-to-device copies: a pageable copy
+    waits for the device.
+    """
     S = n_seq.numel()
     S1 = max(S, 1)
     lt = config.loss_type
+    full = lambda value: torch.full((S,), value, dtype=dtype, device=n_seq.device)  # noqa: E731
     if lt in ("grpo", "sapo"):
         return 1.0 / (S1 * n_seq.clamp(min=1))
-    if lt == "bnpo":
-        den = n_seq.sum().clamp(min=1)
-    elif lt == "dr_grpo":
-        den = torch.tensor(float(S1 * config.max_completion_length), dtype=dtype, device=n_seq.device)
-    elif lt in ("dapo", "cispo"):
-        if config.num_items_in_batch is None:
-            den = n_seq.sum().clamp(min=1)
-        else:
-            den = torch.as_tensor(config.num_items_in_batch, device=n_seq.device).to(dtype).clamp(min=1)
-    else:  # luspo
-        den = torch.tensor(float(S1), dtype=dtype, device=n_seq.device)
-    return (1.0 / den).expand(S)
+    if lt == "dr_grpo":
+        return full(1.0 / (S1 * config.max_completion_length))
+    if lt == "luspo":
+        return full(1.0 / S1)
+    items = config.num_items_in_batch if lt in ("dapo", "cispo") else None  # bnpo: the valid tokens
+    if items is None:
+        return (1.0 / n_seq.sum().clamp(min=1)).expand(S)
+    if isinstance(items, torch.Tensor):
+        return (1.0 / items.to(device=n_seq.device, dtype=dtype).clamp(min=1)).expand(S)
+    return full(1.0 / max(float(items), 1.0))
 
 
 def _nan(dtype, device):
@@ -443,10 +447,11 @@ def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, 
         low = (capped < 1 - eps_low) & (A < 0)
         high = (capped > 1 + eps_high) & (A > 0)
     else:  # sapo
-        # fp32 temperatures, as TRL's torch.where over two Python floats makes them (1.05 -> 1.04999995)
-        pos = torch.tensor(config.sapo_temperature_pos, dtype=torch.float32, device=device).to(dt)
-        neg = torch.tensor(config.sapo_temperature_neg, dtype=torch.float32, device=device).to(dt)
-        tau = torch.where(A > 0, pos, neg)  # [T]
+        # fp32 temperatures, as TRL's torch.where over two Python floats makes them (1.05 -> 1.04999995);
+        # 0-dim CPU tensors enter a device op as scalars, with no copy
+        pos = torch.tensor(config.sapo_temperature_pos, dtype=torch.float32)
+        neg = torch.tensor(config.sapo_temperature_neg, dtype=torch.float32)
+        tau = torch.where(A > 0, pos, neg).to(dt)  # [T]
         per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * A
         low = high = None
     if config.top_entropy_quantile < 1.0:
@@ -464,7 +469,6 @@ def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, 
         for k in STAT_NAMES[:3]:
             stats[k] = _nan(dt, device)
     elif seq_level and per_seq_adv:  # TRL's (B, 1) case: one flag per sequence, mean over S
-        first = cu_seqlens[:-1].long().clamp(max=max(T - 1, 0))  # [S] a token of each sequence
         c1_s = torch.exp(log_w_seq.detach())  # [S]
         if config.loss_type == "cispo":
             lo_s = torch.zeros(S, dtype=torch.bool, device=device)
@@ -473,7 +477,6 @@ def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, 
             cap_s = c1_s if config.delta is None else c1_s.clamp(max=config.delta)
             lo_s = (cap_s < 1 - eps_low) & (adv < 0)
             hi_s = (cap_s > 1 + eps_high) & (adv > 0)
-        del first
         S1 = max(S, 1)
         stats["clip_ratio/low_mean"] = lo_s.to(dt).sum() / S1
         stats["clip_ratio/high_mean"] = hi_s.to(dt).sum() / S1
