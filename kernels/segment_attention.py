@@ -378,12 +378,18 @@ def _chunk_mask(segments: Segments, sel: list[int], q0: int, q1: int, k0: int, k
     return mask
 
 
+def _acc_dtype(q):
+    # fp32 accumulation; float64 inputs (tests, references) stay float64
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _torch_chunk_scores(q, k, c, scale, mask):
     """Scores of one chunk, fp32, masked: [Hk, G, c, L]."""
     q0, q1, k0, k1 = c
     Hk = k.shape[1]
-    qc = q[q0:q1].float().unflatten(1, (Hk, -1))  # [c, Hk, G, D]
-    kc = k[k0:k1].float()  # [L, Hk, D]
+    acc = _acc_dtype(q)
+    qc = q[q0:q1].to(acc).unflatten(1, (Hk, -1))  # [c, Hk, G, D]
+    kc = k[k0:k1].to(acc)  # [L, Hk, D]
     s = torch.einsum("chgd,lhd->hgcl", qc, kc) * scale  # [Hk, G, c, L]
     return s.masked_fill(~mask, float("-inf")), qc, kc
 
@@ -394,7 +400,8 @@ class _TorchSegmentAttention(torch.autograd.Function):
         Tq, Hq, D = q.shape
         Tk, Hk, _ = k.shape
         out = torch.zeros(Tq, Hq, D, dtype=q.dtype, device=q.device)  # rows of no entry stay 0
-        lse = torch.full((Hq, Tq), float("-inf"), dtype=torch.float32, device=q.device)
+        acc = _acc_dtype(q)
+        lse = torch.full((Hq, Tq), float("-inf"), dtype=acc, device=q.device)
         for q0, q1, k0, k1, sel in segments.query_chunks(Tq, Tk, TORCH_CHUNK):
             if not sel or k1 <= k0:
                 continue
@@ -404,7 +411,7 @@ class _TorchSegmentAttention(torch.autograd.Function):
             m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
             p = torch.exp(s - m)
             l = p.sum(-1, keepdim=True)  # [Hk, G, c, 1]
-            vc = v[k0:k1].float()  # [L, Hk, D]
+            vc = v[k0:k1].to(acc)  # [L, Hk, D]
             o = torch.einsum("hgcl,lhd->chgd", p / l.clamp_min(1e-30), vc)  # [c, Hk, G, D]
             out[q0:q1] = o.flatten(1, 2).to(q.dtype)
             lse[:, q0:q1] = (m + torch.log(l)).squeeze(-1).flatten(0, 1)  # log(0) = -inf: no key seen
@@ -421,12 +428,13 @@ class _TorchSegmentAttention(torch.autograd.Function):
         G = Hq // Hk
         if dout is None:
             dout = torch.zeros_like(out)
-        delta = (dout.float() * out.float()).sum(-1).transpose(0, 1)  # [Hq, Tq]
+        acc = _acc_dtype(q)
+        delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(0, 1)  # [Hq, Tq]
         if dlse is not None:
-            delta = delta - dlse.float()
-        dq = torch.zeros(Tq, Hq, D, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(Tk, Hk, D, dtype=torch.float32, device=q.device)
-        dv = torch.zeros(Tk, Hk, D, dtype=torch.float32, device=q.device)
+            delta = delta - dlse.to(acc)
+        dq = torch.zeros(Tq, Hq, D, dtype=acc, device=q.device)
+        dk = torch.zeros(Tk, Hk, D, dtype=acc, device=q.device)
+        dv = torch.zeros(Tk, Hk, D, dtype=acc, device=q.device)
         for q0, q1, k0, k1, sel in segments.query_chunks(Tq, Tk, TORCH_CHUNK):
             if not sel or k1 <= k0:
                 continue
@@ -435,8 +443,8 @@ class _TorchSegmentAttention(torch.autograd.Function):
             lse_c = lse[:, q0:q1].reshape(Hk, G, -1, 1)  # [Hk, G, c, 1]
             lse_c = torch.where(torch.isinf(lse_c), torch.zeros_like(lse_c), lse_c)
             p = torch.exp(s - lse_c)  # masked entries: exp(-inf) = 0
-            vc = v[k0:k1].float()
-            doc = dout[q0:q1].float().unflatten(1, (Hk, G))  # [c, Hk, G, D]
+            vc = v[k0:k1].to(acc)
+            doc = dout[q0:q1].to(acc).unflatten(1, (Hk, G))  # [c, Hk, G, D]
             dv[k0:k1] += torch.einsum("hgcl,chgd->lhd", p, doc)
             dp = torch.einsum("chgd,lhd->hgcl", doc, vc)
             ds = p * (dp - delta[:, q0:q1].reshape(Hk, G, -1, 1))  # [Hk, G, c, L]
