@@ -701,6 +701,7 @@ def _triton_forward(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, i
     f32 = lambda x: None if x is None else x.detach().float().contiguous()  # noqa: E731 [T] vectors: <= 4T bytes
     lp, old, ref, adv, isr_, ent = f32(logp), f32(old_logp), f32(ref_logp), f32(advantages), f32(isr), f32(entropy)
     m = None if mask is None else mask.contiguous()
+    cu = cu_seqlens.contiguous()  # [S + 1] int32
     valid = torch.ones(T, dtype=torch.bool, device=device) if m is None else m  # [T]
     emask = _high_entropy_mask(ent, valid, config.top_entropy_quantile) if config.top_entropy_quantile < 1.0 else None
     flags = _flags(config, ref_logp, entropy, isr, mask, advantages, T, S)
@@ -721,7 +722,7 @@ def _triton_forward(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, i
     alloc = torch.full if interpreting() else _empty  # poisoned under the interpreter (the tests)
     seq = alloc((S, _NCOL), math.nan, dtype=torch.float32, device=device)  # [S, 8]
     launch = lambda phase, coef, g: _policy_loss_kernel[(S,)](  # noqa: E731
-        *ptrs, cu_seqlens, seq, coef, g, *scalars, PHASE=phase, HAS_OLD=old is not None, NCOL=_NCOL,
+        *ptrs, cu, seq, coef, g, *scalars, PHASE=phase, HAS_OLD=old is not None, NCOL=_NCOL,
         BLOCK=_BLOCK, num_warps=4, **flags,
     )
     if S > 0:

@@ -114,29 +114,29 @@ def test_empty_batch_and_singleton_groups(backend):
     assert out.shape == (6,) and (out == 0).all()  # a group of one has no spread
 
 
-def test_errors_name_the_argument():
-    r = torch.randn(8)
-    with pytest.raises(ValueError, match="rewards must be 1-D"):
-        group_advantages(r.view(2, 4), 4)
-    with pytest.raises(TypeError, match="rewards must be a floating tensor"):
-        group_advantages(torch.arange(8), 4)
-    with pytest.raises(TypeError, match="rewards must be a torch.Tensor"):
-        group_advantages([1.0, 2.0], 2)
-    with pytest.raises(ValueError, match="group_size=3 must divide"):
-        group_advantages(r, 3)
-    with pytest.raises(ValueError, match="group_size must be a positive int"):
-        group_advantages(r, 0)
-    with pytest.raises(ValueError, match="exactly one of group_size .* and group_ids"):
-        group_advantages(r)
-    with pytest.raises(ValueError, match="exactly one of group_size .* and group_ids"):
-        group_advantages(r, 4, group_ids=torch.zeros(8, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"group_ids must have one entry per reward \(8\)"):
-        group_advantages(r, group_ids=torch.zeros(7, dtype=torch.long))
-    with pytest.raises(TypeError, match="group_ids must be an int32 or int64"):
-        group_advantages(r, group_ids=torch.zeros(8))
-    with pytest.raises(ValueError, match="scale must be one of .*'group', 'batch', 'none'"):
-        group_advantages(r, 4, scale="global")
-    with pytest.raises(ValueError, match="estimator must be one of .*'grpo', 'rloo'"):
-        group_advantages(r, 4, estimator="ppo")
-    with pytest.raises(ValueError, match="eps must be"):
-        group_advantages(r, 4, eps=-1.0)
+ERRORS = [
+    (dict(rewards=torch.randn(2, 4)), ValueError, "rewards must be 1-D"),
+    (dict(rewards=torch.arange(8)), TypeError, "rewards must be a floating tensor"),
+    (dict(rewards=[1.0] * 8), TypeError, "rewards must be a torch.Tensor"),
+    (dict(group_size=3), ValueError, "group_size=3 must divide"),
+    (dict(group_size=0), ValueError, "group_size must be a positive int"),
+    (dict(group_size=None), ValueError, "exactly one of group_size .* and group_ids"),
+    (dict(group_ids=torch.zeros(8, dtype=torch.long)), ValueError, "exactly one of group_size .* and group_ids"),
+    (dict(group_size=None, group_ids=torch.zeros(7, dtype=torch.long)), ValueError,
+     r"group_ids must have one entry per reward \(8\)"),
+    (dict(group_size=None, group_ids=torch.zeros(8)), TypeError, "group_ids must be an int32 or int64"),
+    (dict(group_size=None, group_ids=torch.zeros(2, 4, dtype=torch.long)), ValueError, "group_ids must be 1-D"),
+    (dict(group_size=None, group_ids=torch.zeros(8, dtype=torch.long, device="meta")), ValueError,
+     "group_ids is on meta"),
+    (dict(scale="global"), ValueError, "scale must be one of .*'group', 'batch', 'none'"),
+    (dict(estimator="ppo"), ValueError, "estimator must be one of .*'grpo', 'rloo'"),
+    (dict(eps=-1.0), ValueError, "eps must be"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", ERRORS, ids=lambda x: "" if not isinstance(x, str) else x[:30])
+def test_errors_name_the_argument(kwargs, error, message):
+    args = dict(rewards=torch.randn(8), group_size=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        group_advantages(args.pop("rewards"), args.pop("group_size"), **args)

@@ -259,69 +259,73 @@ def test_empty_batch(backend):
         assert logp.grad.shape == (0,)
 
 
-def test_config_errors_name_the_field():
-    cases = [
-        (dict(loss_type="ppo"), "loss_type must be one of"),
-        (dict(importance_sampling_level="token_mean"), "importance_sampling_level must be one of"),
-        (dict(kl_estimator="k4"), "kl_estimator must be one of"),
-        (dict(epsilon_low=-0.1), "epsilon_low must be >= 0"),
-        (dict(epsilon_high=-0.1), "epsilon_high must be >= 0"),
-        (dict(loss_type="cispo", epsilon_high=0.0), "epsilon_high is the cap on the ratio"),
-        (dict(delta=0.0), "delta must be > 0"),
-        (dict(beta=-1.0), "beta must be >= 0"),
-        (dict(beta=float("nan")), "beta must be a finite real"),
-        (dict(sapo_temperature_pos=0.0), "sapo_temperature_pos must be > 0"),
-        (dict(sapo_temperature_neg=-1.0), "sapo_temperature_neg must be > 0"),
-        (dict(loss_type="dr_grpo"), "max_completion_length is required for loss_type='dr_grpo'"),
-        (dict(max_completion_length=0), "max_completion_length must be a positive int"),
-        (dict(top_entropy_quantile=0.0), r"top_entropy_quantile must be in \(0, 1\]"),
-        (dict(top_entropy_quantile=1.5), r"top_entropy_quantile must be in \(0, 1\]"),
-        (dict(temperature=0.0), "temperature must be > 0"),
-        (dict(num_items_in_batch=0), "num_items_in_batch must be > 0"),
-        (dict(num_items_in_batch=torch.ones(2)), "num_items_in_batch must be a positive number or a 0-dim"),
-    ]
-    for kwargs, message in cases:
-        with pytest.raises(ValueError, match=message):
-            LossConfig(**kwargs)
+CONFIG_ERRORS = [
+    (dict(loss_type="ppo"), "loss_type must be one of"),
+    (dict(importance_sampling_level="token_mean"), "importance_sampling_level must be one of"),
+    (dict(kl_estimator="k4"), "kl_estimator must be one of"),
+    (dict(epsilon_low=-0.1), "epsilon_low must be >= 0"),
+    (dict(epsilon_high=-0.1), "epsilon_high must be >= 0"),
+    (dict(loss_type="cispo", epsilon_high=0.0), "epsilon_high is the cap on the ratio"),
+    (dict(delta=0.0), "delta must be > 0"),
+    (dict(beta=-1.0), "beta must be >= 0"),
+    (dict(beta=float("nan")), "beta must be a finite real"),
+    (dict(sapo_temperature_pos=0.0), "sapo_temperature_pos must be > 0"),
+    (dict(sapo_temperature_neg=-1.0), "sapo_temperature_neg must be > 0"),
+    (dict(loss_type="dr_grpo"), "max_completion_length is required for loss_type='dr_grpo'"),
+    (dict(max_completion_length=0), "max_completion_length must be a positive int"),
+    (dict(top_entropy_quantile=0.0), r"top_entropy_quantile must be in \(0, 1\]"),
+    (dict(top_entropy_quantile=1.5), r"top_entropy_quantile must be in \(0, 1\]"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(num_items_in_batch=0), "num_items_in_batch must be > 0"),
+    (dict(num_items_in_batch=torch.ones(2)), "num_items_in_batch must be a positive number or a 0-dim"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", CONFIG_ERRORS, ids=lambda x: str(x)[:40] if isinstance(x, dict) else "")
+def test_config_errors_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LossConfig(**kwargs)
+
+
+def test_config_defaults_and_bool_check():
     with pytest.raises(TypeError, match="use_bias_correction_kl must be a bool"):
         LossConfig(use_bias_correction_kl=1)
-    assert LossConfig().loss_type == "dapo" and LossConfig(epsilon_low=0.3).epsilon_high == 0.3
+    config = LossConfig()
+    assert (config.loss_type, config.importance_sampling_level, config.kl_estimator) == ("dapo", "token", "k3")
+    assert (config.epsilon_low, config.epsilon_high, config.beta, config.delta) == (0.2, 0.2, 0.0, None)
+    assert (config.sapo_temperature_pos, config.sapo_temperature_neg, config.top_entropy_quantile) == (1.0, 1.05, 1.0)
+    assert LossConfig(epsilon_low=0.3).epsilon_high == 0.3
 
 
-def test_input_errors_name_the_argument():
+_T, _S = CU[-1], len(CU) - 1
+INPUT_ERRORS = [
+    (dict(config={"loss_type": "dapo"}), TypeError, "config must be a fastrft_kernels.LossConfig"),
+    (dict(logp=torch.zeros(1, _T)), ValueError, "logp must be 1-D"),
+    (dict(logp=torch.zeros(_T, dtype=torch.long)), TypeError, "logp must be a floating tensor"),
+    (dict(cu_seqlens=torch.tensor(CU)), TypeError, "cu_seqlens must have dtype torch.int32"),
+    (dict(cu_seqlens=torch.tensor([0, 5, _T - 1], dtype=torch.int32)), ValueError,
+     "cu_seqlens must end at the number of tokens"),
+    (dict(cu_seqlens=torch.tensor([0, 9, 5, _T], dtype=torch.int32)), ValueError, "cu_seqlens must be non-decreasing"),
+    (dict(advantages=torch.randn(_S + 1)), ValueError,
+     rf"advantages must hold one value per sequence \(S={_S}\) or per token"),
+    (dict(advantages=torch.ones(_S, dtype=torch.long)), TypeError, "advantages must be a floating tensor"),
+    *[(dict({name: torch.randn(_T - 1)}), ValueError, rf"{name} must have one value per token \(T={_T}\)")
+      for name in ("old_logp", "ref_logp", "entropy", "importance_sampling_ratio")],
+    *[(dict({name: torch.zeros(_T, dtype=torch.int32)}), TypeError, f"{name} must be a floating tensor")
+      for name in ("old_logp", "ref_logp", "entropy", "importance_sampling_ratio")],
+    (dict(mask=torch.ones(_T)), TypeError, "mask must have dtype torch.bool"),
+    (dict(mask=torch.ones(_T + 1, dtype=torch.bool)), ValueError, rf"mask must have one value per token \(T={_T}\)"),
+    (dict(config=LossConfig(beta=0.04)), ValueError, "ref_logp is required when config.beta > 0"),
+    (dict(config=LossConfig(top_entropy_quantile=0.2)), ValueError,
+     "entropy .* is required when config.top_entropy_quantile < 1"),
+    (dict(old_logp=torch.randn(_T, device="meta")), ValueError, "old_logp is on meta"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", INPUT_ERRORS, ids=lambda x: "" if not isinstance(x, str) else x[:30])
+def test_input_errors_name_the_argument(kwargs, error, message):
     b = _batch()
-    T, S = CU[-1], len(CU) - 1
-    cfg = LossConfig()
-
-    def call(**kw):
-        args = dict(logp=b["logp"], advantages=b["adv"], cu_seqlens=b["cu"], config=cfg)
-        args.update(kw)
-        return policy_loss(args.pop("logp"), args.pop("advantages"), args.pop("cu_seqlens"), **args)
-
-    with pytest.raises(TypeError, match="config must be a fastrft_kernels.LossConfig"):
-        call(config={"loss_type": "dapo"})
-    with pytest.raises(ValueError, match="logp must be 1-D"):
-        call(logp=b["logp"].view(1, T))
-    with pytest.raises(TypeError, match="logp must be a floating tensor"):
-        call(logp=torch.zeros(T, dtype=torch.long))
-    with pytest.raises(TypeError, match="cu_seqlens must have dtype torch.int32"):
-        call(cu_seqlens=b["cu"].long())
-    with pytest.raises(ValueError, match="cu_seqlens must end at the number of tokens"):
-        call(cu_seqlens=torch.tensor([0, 5, T - 1], dtype=torch.int32))
-    with pytest.raises(ValueError, match=rf"advantages must hold one value per sequence \(S={S}\) or per token"):
-        call(advantages=torch.randn(S + 1))
-    for name in ("old_logp", "ref_logp", "entropy", "importance_sampling_ratio"):
-        with pytest.raises(ValueError, match=rf"{name} must have one value per token \(T={T}\)"):
-            call(**{name: torch.randn(T - 1)})
-        with pytest.raises(TypeError, match=f"{name} must be a floating tensor"):
-            call(**{name: torch.zeros(T, dtype=torch.int32)})
-    with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
-        call(mask=torch.ones(T))
-    with pytest.raises(ValueError, match=rf"mask must have one value per token \(T={T}\)"):
-        call(mask=torch.ones(T + 1, dtype=torch.bool))
-    with pytest.raises(ValueError, match="ref_logp is required when config.beta > 0"):
-        call(config=LossConfig(beta=0.04))
-    with pytest.raises(ValueError, match="entropy .* is required when config.top_entropy_quantile < 1"):
-        call(config=LossConfig(top_entropy_quantile=0.2))
-    with pytest.raises(ValueError, match="old_logp is on meta"):
-        call(old_logp=torch.randn(T, device="meta"))
+    args = dict(logp=b["logp"], advantages=b["adv"], cu_seqlens=b["cu"], config=LossConfig())
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        policy_loss(args.pop("logp"), args.pop("advantages"), args.pop("cu_seqlens"), **args)
