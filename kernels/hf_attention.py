@@ -1,0 +1,171 @@
+"""transformers integration: segment attention as an attention implementation ("fastrft_segment").
+
+    from fastrft_kernels.hf_attention import enable_segment_attention, shared_prefix_position_ids
+    enable_segment_attention(model)                       # text and vision attention
+    out = model(input_ids=ids[None], position_ids=pos[:, None], pixel_values=pix,
+                image_grid_thw=grid, segments=shared_prefix_segments(P, C))
+
+How it plugs in (transformers 5.x, read from modeling_qwen2_5_vl.py / masking_utils.py):
+- `AttentionInterface.register("fastrft_segment", segment_attention_forward)`: every
+  attention module of a model whose config names this implementation calls it with
+  query [B, Hq, L, D], key/value [B, Hk, S, D] and the forward's extra keyword arguments;
+  that is how `segments=` given to `model(...)` reaches each text layer.
+- `AttentionMaskInterface.register("fastrft_segment", ...)` returning None: the text model
+  builds no [T, T] mask at all (the segment table is the mask). A 2-D padding mask with
+  zeros is rejected: a packed batch has no padding.
+- Vision tower (Qwen2-VL, Qwen2.5-VL): implementations whose name lacks "flash" get one
+  call per image / window (`cu_seqlens` split on the host, `is_causal=False`); each call
+  runs as one full entry. The tower computes each image once whatever the text layout.
+
+Text kwargs: `segments` (a `Segments` table over the packed tokens, batch size 1) selects
+the packed path; without it each batch row is one causal sequence (bottom-right aligned,
+so decoding with a KV cache works), which is what `generate` needs.
+
+Positions for a packed shared-prefix batch (what the trainer, fastrft/packing.py, does):
+Qwen2/2.5-VL use mrope, position ids [3, T] (temporal, height, width). For each group:
+1. the prompt alone (text + image tokens) gets its ids from the model's own rule:
+   `pos, _ = model.model.get_rope_index(prompt_ids[None], mm_token_type_ids[None],
+   image_grid_thw=grids_of_this_prompt)` -> pos[:, 0] is [3, Lp];
+2. completion j is text, so its 3 rows are equal and continue from the prompt:
+   next = pos.max() + 1; completion positions next, next + 1, ... (every completion restarts
+   at `next`: it sees the prompt, never a sibling). This is exactly what get_rope_index
+   gives for the unpacked prompt + completion when the prompt ends in text (it always does:
+   the chat template ends with the assistant header).
+`shared_prefix_position_ids(prompt_positions, completion_lens)` assembles [3, T] in the
+token order of `shared_prefix_segments`. Pass it to the model as position_ids[:, None]
+([3, 1, T]; a 3-row tensor means no separate text positions, so transformers builds no
+packed-sequence mask from them).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .segment_attention import segment_attention
+from .segments import CAUSAL, FULL, Segments
+
+NAME = "fastrft_segment"
+
+# a few small tables reused across layers and calls: (Lq, Lk, B, kind) -> Segments
+_SIMPLE_TABLES: dict = {}
+
+
+def _simple_table(L: int, S: int, B: int, kind: int) -> Segments:
+    key = (L, S, B, kind)
+    seg = _SIMPLE_TABLES.get(key)
+    if seg is None:
+        if len(_SIMPLE_TABLES) > 64:  # decoding walks S upward: keep the cache bounded
+            _SIMPLE_TABLES.clear()
+        seg = Segments(torch.tensor([[b * L, (b + 1) * L, b * S, (b + 1) * S, kind] for b in range(B)],
+                                    dtype=torch.int32).reshape(-1, 5))
+        _SIMPLE_TABLES[key] = seg
+    return seg
+
+
+def segment_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    segments: Segments | None = None,
+    **kwargs,
+):
+    """The attention function transformers calls for "fastrft_segment".
+
+    query: [B, Hq, L, D], key/value: [B, Hk, S, D] (any float dtype).
+    segments: table over the B*L packed tokens (text layers; requires B == 1 and L == S).
+    Returns (out [B, L, Hq, D] in query's dtype, None): no attention weights are formed.
+    """
+    if dropout:
+        raise ValueError(f"fastrft_segment does not implement attention dropout, got dropout={dropout}")
+    if sliding_window is not None:
+        raise ValueError(f"fastrft_segment does not implement sliding windows, got sliding_window={sliding_window}")
+    if attention_mask is not None:
+        raise ValueError(
+            "fastrft_segment takes no attention mask: pack the batch (no padding) and pass segments=; "
+            f"got a mask of shape {tuple(attention_mask.shape)}"
+        )
+    B, Hq, L, D = query.shape
+    S = key.shape[2]
+    causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    if not causal:
+        # vision tower: one image / window per call, every token sees every token
+        table = _simple_table(L, S, B, FULL)
+    elif segments is not None:
+        if B != 1 or L != S:
+            raise ValueError(
+                f"segments= needs one packed sequence without a KV cache (batch 1, L == S), got batch {B}, "
+                f"L={L}, S={S}"
+            )
+        table = segments
+    else:
+        table = _simple_table(L, S, B, CAUSAL)
+    q = query.transpose(1, 2).reshape(B * L, Hq, D)  # [B*L, Hq, D]
+    k = key.transpose(1, 2).reshape(B * S, key.shape[1], D)  # [B*S, Hk, D]
+    v = value.transpose(1, 2).reshape(B * S, value.shape[1], D)
+    out = segment_attention(q, k, v, table, softmax_scale=scaling)  # [B*L, Hq, D]
+    return out.view(B, L, Hq, D), None
+
+
+def _no_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+             attention_mask=None, **kwargs):
+    """Mask builder for "fastrft_segment": nothing to build (the segment table is the mask)."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            "fastrft_segment runs packed batches without padding: got an attention_mask with zeros. "
+            "Pack the sequences into one row and pass segments= instead."
+        )
+    return None
+
+
+def register() -> str:
+    """Registers the attention and mask implementations (idempotent); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, segment_attention_forward)
+    AttentionMaskInterface.register(NAME, _no_mask)
+    return NAME
+
+
+def enable_segment_attention(model):
+    """Switches `model` (text and vision sub-models) to segment attention; returns it.
+
+    After this, `model(..., segments=table)` runs the text layers packed through the table,
+    and the vision tower attends within each image / window of its own cu_seqlens.
+    """
+    register()
+    model.set_attn_implementation(NAME)
+    return model
+
+
+def shared_prefix_position_ids(prompt_positions: Sequence[torch.Tensor], completion_lens: Sequence[Sequence[int]]):
+    """mrope positions [3, T] (int64) for groups packed as [prompt | c1 | ... | cG].
+
+    prompt_positions: P tensors [3, Lp] (each prompt's own ids, e.g. from get_rope_index on
+    the prompt alone); completion_lens: P lists of completion lengths. Completion tokens get
+    next, next+1, ... on all 3 rows, next = that prompt's max position + 1 (see module doc).
+    Token order matches `shared_prefix_segments(prompt_lens, completion_lens)`.
+    """
+    if len(prompt_positions) != len(completion_lens):
+        raise ValueError(
+            f"completion_lens must hold one list per prompt ({len(prompt_positions)}), got {len(completion_lens)}"
+        )
+    parts = []
+    for p, (pos, comps) in enumerate(zip(prompt_positions, completion_lens)):
+        if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[0] != 3:
+            raise ValueError(f"prompt_positions[{p}] must be a [3, Lp] tensor, got {getattr(pos, 'shape', pos)}")
+        pos = pos.to(torch.int64)
+        parts.append(pos)
+        nxt = int(pos.max()) + 1 if pos.numel() else 0
+        for lc in comps:
+            parts.append((nxt + torch.arange(int(lc), device=pos.device)).expand(3, -1))
+    if not parts:
+        return torch.zeros(3, 0, dtype=torch.int64)
+    return torch.cat(parts, dim=1)
