@@ -40,8 +40,10 @@ Statistics (0-dim device tensors, TRL's metric names, no host sync):
   the sequence level).
 
 Host reads: `policy_loss` validates `cu_seqlens` on the host once (`_checks.check_cu_seqlens`
-reads it: one sync per call). `policy_loss_with_grad(..., validate=False)` skips every check and
-never reads a tensor on the host; the fused `linear_policy_loss` validates once and calls it so.
+reads it: one sync per call). `policy_loss_with_grad(..., validate=False)` skips every check and,
+on the torch and triton backends, never reads a tensor on the host (no `.item()`, no boolean
+indexing, no branch on a tensor's value, no host-to-device copy); the fused `linear_policy_loss`
+validates once and calls it so. The reference backend reads cu_seqlens (it loops in Python).
 
 Backends:
 - `reference`: a Python loop over sequences, TRL's formulas verbatim on each, float64 for float64
@@ -63,7 +65,7 @@ Backends:
 
 `policy_loss_with_grad(...)` (internal; same arguments, plus `validate`) returns (loss, stats,
 g_logp [T] fp32) with g_logp = d loss / d logp for every backend (torch and reference: autograd on
-a detached leaf; triton: kernel (b)). The fused LM-head loss consumes g_logp.
+a detached leaf; triton: phase 1 of the kernel). The fused LM-head loss consumes g_logp.
 """
 
 from __future__ import annotations
@@ -608,7 +610,7 @@ def _policy_loss_kernel(
             P = -capped * A * lp
             dP = zero
             dP_direct = -capped * A
-            low = inb & (A != A)  # cispo has no lower clip: all False
+            low = zero > 0.0  # cispo has no lower clip: all False
             high = (c1 > eps_high) & (A > 0.0)
         else:
             tau = tl.where(A > 0.0, tau_pos, tau_neg)
@@ -616,7 +618,7 @@ def _policy_loss_kernel(
             P = -sg * 4.0 / tau * A
             dP = -4.0 * A * sg * (1.0 - sg)
             dP_direct = zero
-            low = inb & (A != A)  # statistics not defined for sapo (NaN on the host side)
+            low = zero > 0.0  # no hard clip in sapo: its clip statistics are NaN (set on the host side)
             high = low
         # KL estimate k, its derivative at a fixed ratio, and the bias-corrected K = k c
         k = zero
@@ -676,7 +678,8 @@ def _policy_loss_kernel(
         tl.store(row + 7, tl.sum(c_acc, axis=0))
 
 
-def _flags(config, ref_logp, entropy, isr, mask, advantages, T, S):
+def _flags(config, ref_logp, isr, mask, advantages, T, S):
+    """The kernel's constexpr switches for these inputs and this config."""
     per_token_adv = advantages.numel() == T and T != S
     return dict(
         POLICY=_POLICY_CODE.get(config.loss_type, 0),
@@ -694,7 +697,7 @@ def _flags(config, ref_logp, entropy, isr, mask, advantages, T, S):
 
 
 def _triton_forward(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config, *, need_grad):
-    """Runs kernel (a), the [S]-sized normalizer and statistics ops, and kernel (b) when need_grad."""
+    """Phase 0 of the kernel, the [S]-sized normalizer and statistics ops, then phase 1 when need_grad."""
     device = logp.device
     T = logp.numel()
     S = cu_seqlens.numel() - 1
@@ -704,7 +707,7 @@ def _triton_forward(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, i
     cu = cu_seqlens.contiguous()  # [S + 1] int32
     valid = torch.ones(T, dtype=torch.bool, device=device) if m is None else m  # [T]
     emask = _high_entropy_mask(ent, valid, config.top_entropy_quantile) if config.top_entropy_quantile < 1.0 else None
-    flags = _flags(config, ref_logp, entropy, isr, mask, advantages, T, S)
+    flags = _flags(config, ref_logp, isr, mask, advantages, T, S)
     as_i8 = lambda b: b.view(torch.int8)  # noqa: E731 bool -> int8, no copy
     dummy = lp  # stands in for absent optional inputs (never read: the constexpr flags say so)
     ptrs = (
@@ -777,7 +780,7 @@ def _empty(shape, fill, *, dtype, device):
 
 
 class _PolicyLossFunction(torch.autograd.Function):
-    """Forward: kernels (a) and (b); backward: grad_out * g, g the closed-form d loss / d logp."""
+    """Forward: both phases of the kernel; backward: grad_out * g, g the closed-form d loss / d logp."""
 
     @staticmethod
     def forward(ctx, logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config):
