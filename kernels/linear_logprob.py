@@ -241,12 +241,21 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per kernel, each compiled for sm_80 and
 # sm_90 without spills (python -m fastrft_kernels.aot). Every BLOCK_V divides _V_PER_SPLIT.
 _CONFIGS = {
-    # Measured with the AOT gate on sm_90 (H % BLOCK_H == 0 variant). 64 x 128 tiles at 4 warps
-    # spilled 64-1200 B; at 8 warps with BLOCK_H 64, 48-1300 B. These spill nothing in bf16 and
-    # fp16; in fp32 (IEEE, FMA path) the backward kernels still spill 12-24 B per thread.
-    "fwd": [(64, 128, 32, 8, 3)],
-    "dx": [(64, 128, 16, 8, 3)],
-    "dw": [(64, 128, 16, 8, 3)],
+    # Compiled by the AOT gate for sm_80 and sm_90 (python -m fastrft_kernels.aot): none spills.
+    # Half precision: tensor-core tiles. In the dW kernel BLOCK_V is the owned dimension and
+    # rows stream by in BLOCK_N; at 4 warps its 64 x 128 x 64 tile spilled 280 B, at 8 none.
+    "half": {
+        "fwd": [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)],
+        "dx": [(64, 256, 64, 8, 3), (64, 128, 32, 4, 3)],
+        "dw": [(64, 128, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 4, 3)],
+    },
+    # fp32 with IEEE products (torch's default for fp32 matmuls) runs on FMA units and holds its
+    # operands in registers: BLOCK_H 32 and 2 stages (64 x 128 x 64 spilled 200-7000 B).
+    "fp32": {
+        "fwd": [(64, 128, 32, 8, 2), (64, 64, 32, 4, 2)],
+        "dx": [(64, 128, 32, 8, 2), (32, 64, 32, 4, 2)],
+        "dw": [(32, 64, 32, 4, 2)],
+    },
 }
 
 if _HAVE_TRITON:
@@ -299,10 +308,12 @@ if _HAVE_TRITON:
         z = acc * inv_temp
         return tl.where(col_mask[None, :], z, float("-inf"))
 
-    # The tile helpers live in a namespace, not at module level: the AOT gate lists every
-    # module-level @triton.jit function as a kernel to compile, and these are inlined into
-    # the kernels it does compile.
-    _tile = types.SimpleNamespace(dot=_dot, logits=_logits_tile)
+    # The tile helpers live in a module object, not at module level: the AOT gate lists every
+    # module-level @triton.jit function as a kernel to compile, and these are inlined into the
+    # kernels it does compile. (A module, not a SimpleNamespace: Triton deep-copies other
+    # global objects a kernel references, and a JITFunction cannot be copied.)
+    _tile = types.ModuleType(__name__ + "._tile")
+    _tile.dot, _tile.logits = _dot, _logits_tile
     del _dot, _logits_tile
 
     @triton.jit
@@ -316,10 +327,15 @@ if _HAVE_TRITON:
         PRECISION: tl.constexpr, UPCAST: tl.constexpr = False,
     ):
         """Pass A: per (row block, vocab split) the online max m, sum e^(z-m), sum e^(z-m)(z-m)."""
-        if EVEN_H:  # H % BLOCK_H == 0 and 16-element aligned rows: tell the compiler (vector loads)
-            tl.assume(stride_xn % 16 == 0)
-            tl.assume(stride_wv % 16 == 0)
-            tl.assume(H % 16 == 0)
+        if EVEN_H:
+            # identities here (EVEN_H: H % BLOCK_H == 0, row strides % 16 == 0) that tell the
+            # compiler the rows are 16-element aligned, so loads go 128-bit wide. Triton's launch
+            # specializes such ints itself; a build from a signature (the AOT gate) does not, and
+            # tl.multiple_of / tl.assume on scalars did not reach the loads (measured: scalar
+            # 16-bit loads, 255 registers and spills).
+            stride_xn = (stride_xn // 16) * 16
+            stride_wv = (stride_wv // 16) * 16
+            H = (H // 16) * 16
         n0 = tl.program_id(0) * BLOCK_N
         split = tl.program_id(1)
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -429,10 +445,15 @@ if _HAVE_TRITON:
         PRECISION: tl.constexpr, UPCAST: tl.constexpr = False,
     ):
         """dX partial [split, M, H] fp32 (zero-filled by the caller): this program owns rows x split."""
-        if EVEN_H:  # H % BLOCK_H == 0 and 16-element aligned rows: tell the compiler (vector loads)
-            tl.assume(stride_xn % 16 == 0)
-            tl.assume(stride_wv % 16 == 0)
-            tl.assume(H % 16 == 0)
+        if EVEN_H:
+            # identities here (EVEN_H: H % BLOCK_H == 0, row strides % 16 == 0) that tell the
+            # compiler the rows are 16-element aligned, so loads go 128-bit wide. Triton's launch
+            # specializes such ints itself; a build from a signature (the AOT gate) does not, and
+            # tl.multiple_of / tl.assume on scalars did not reach the loads (measured: scalar
+            # 16-bit loads, 255 registers and spills).
+            stride_xn = (stride_xn // 16) * 16
+            stride_wv = (stride_wv // 16) * 16
+            H = (H // 16) * 16
         n0 = tl.program_id(0) * BLOCK_N
         split = tl.program_id(1)
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -481,10 +502,15 @@ if _HAVE_TRITON:
         PRECISION: tl.constexpr, UPCAST: tl.constexpr = False,
     ):
         """dW [V, H] fp32 (zero-filled) and dbias [V] fp32: this program owns BLOCK_V vocab rows."""
-        if EVEN_H:  # H % BLOCK_H == 0 and 16-element aligned rows: tell the compiler (vector loads)
-            tl.assume(stride_xn % 16 == 0)
-            tl.assume(stride_wv % 16 == 0)
-            tl.assume(H % 16 == 0)
+        if EVEN_H:
+            # identities here (EVEN_H: H % BLOCK_H == 0, row strides % 16 == 0) that tell the
+            # compiler the rows are 16-element aligned, so loads go 128-bit wide. Triton's launch
+            # specializes such ints itself; a build from a signature (the AOT gate) does not, and
+            # tl.multiple_of / tl.assume on scalars did not reach the loads (measured: scalar
+            # 16-bit loads, 255 registers and spills).
+            stride_xn = (stride_xn // 16) * 16
+            stride_wv = (stride_wv // 16) * 16
+            H = (H // 16) * 16
         v0 = tl.program_id(0) * BLOCK_V
         cols = v0 + tl.arange(0, BLOCK_V)
         offs_h = tl.arange(0, BLOCK_H)
@@ -526,30 +552,43 @@ if _HAVE_TRITON:
     # Autotuned wrappers (GPU). Keyed on H and V only: the config, hence every row's
     # reduction order, never depends on the number of rows (batch invariance within a
     # process). Every BLOCK_V divides _V_PER_SPLIT.
-    def _configs(kind):
-        return [
-            triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh), num_warps=warps, num_stages=stages)
-            for bn, bv, bh, warps, stages in _CONFIGS[kind]
-        ]
+    def _configs(kind, family=None):
+        fams = [family] if family else list(_CONFIGS)
+        seen, out = set(), []
+        for fam in fams:
+            for cfg in _CONFIGS[fam][kind]:
+                if cfg not in seen:
+                    seen.add(cfg)
+                    bn, bv, bh, warps, stages = cfg
+                    out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh), num_warps=warps,
+                                             num_stages=stages))
+        return out
 
-    def _prune(configs, named_args, **kwargs):
-        # a BLOCK_H wider than H (rounded to 16) only wastes registers; keep at least one
-        # and one that divides H runs the unmasked (vectorized, spill-free) loads
-        h = named_args["H"]
-        kept = [c for c in configs if c.kwargs["BLOCK_H"] <= max(16, triton.next_power_of_2(h))] or configs[:1]
-        even = [c for c in kept if h % c.kwargs["BLOCK_H"] == 0]
-        return even or kept
+    def _make_prune(kind):
+        def prune(configs, named_args, **kwargs):
+            # the configs shipped (and AOT-checked) for this dtype family; then one whose
+            # BLOCK_H divides H, which runs the unmasked, vectorized loads
+            fam = "fp32" if named_args["X"].dtype == torch.float32 else "half"
+            allowed = set(_CONFIGS[fam][kind])
+            kept = [c for c in configs
+                    if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_H"], c.num_warps, c.num_stages)
+                    in allowed]
+            h = named_args["H"]
+            even = [c for c in kept if h % c.kwargs["BLOCK_H"] == 0]
+            return even or kept
+
+        return prune
 
     _even_h = triton.heuristics({"EVEN_H": lambda a: _even(a["H"], a["BLOCK_H"], a["stride_xn"], a["stride_wv"])})
     _fwd_partial_tuned = triton.autotune(
-        configs=_configs("fwd"), key=["H", "V"], prune_configs_by={"early_config_prune": _prune}
+        configs=_configs("fwd"), key=["H", "V"], prune_configs_by={"early_config_prune": _make_prune("fwd")}
     )(_even_h(_fwd_partial_kernel))
     _bwd_dx_tuned = triton.autotune(
-        configs=_configs("dx"), key=["H", "V"], prune_configs_by={"early_config_prune": _prune},
+        configs=_configs("dx"), key=["H", "V"], prune_configs_by={"early_config_prune": _make_prune("dx")},
         reset_to_zero=["DX_PART"],
     )(_even_h(_bwd_dx_kernel))
     _bwd_dw_tuned = triton.autotune(
-        configs=_configs("dw"), key=["H", "V"], prune_configs_by={"early_config_prune": _prune},
+        configs=_configs("dw"), key=["H", "V"], prune_configs_by={"early_config_prune": _make_prune("dw")},
         reset_to_zero=["DW"],
     )(_even_h(_bwd_dw_kernel))
 
@@ -834,8 +873,10 @@ def aot_configs():
     dtypes = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16}
     for tdt in dtypes:
         prec = "ieee"  # torch's default for fp32 matmuls; half dtypes ignore it
-        for has_ent in (False, True):
-            for cfg in _configs("fwd"):
+        fam = "fp32" if tdt == "*fp32" else "half"
+        # (bias, entropy): the common LM head (no bias, logp only) and the heaviest variant
+        for has_bias, has_ent in ((False, False), (True, True)):
+            for cfg in _configs("fwd", fam):
                 sig = {
                     "X": tdt, "W": tdt, "B": tdt, "M_PART": "*fp32", "S_PART": "*fp32",
                     "A_PART": "*fp32", "M": "i32", "H": "i32", "V": "i32", "V_PER_SPLIT": "i32",
@@ -845,35 +886,35 @@ def aot_configs():
                     "EVEN_H": "constexpr", "PRECISION": "constexpr", "UPCAST": "constexpr",
                 }
                 out.append(AOTKernel(
-                    name=f"linear_logprob_fwd_{tdt[1:]}_ent{int(has_ent)}_{_cfg_name(cfg)}",
+                    name=f"linear_logprob_fwd_{tdt[1:]}_bias{int(has_bias)}_ent{int(has_ent)}_{_cfg_name(cfg)}",
                     fn=_fwd_partial_kernel, signature=sig,
-                    constexprs=dict(HAS_BIAS=True, WANT_ENT=has_ent, EVEN_H=True, PRECISION=prec, UPCAST=False, **cfg.kwargs),
+                    constexprs=dict(HAS_BIAS=has_bias, WANT_ENT=has_ent, EVEN_H=True, PRECISION=prec, UPCAST=False, **cfg.kwargs),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 ))
             bwd_sig = {
                 "X": tdt, "W": tdt, "B": tdt, "TGT": "*i64", "LSE": "*fp32", "EZ": "*fp32",
                 "G_LP": "*fp32", "G_ENT": "*fp32",
             }
-            for cfg in _configs("dx"):
+            for cfg in _configs("dx", fam):
                 sig = dict(bwd_sig, DX_PART="*fp32", M="i32", H="i32", V="i32", V_PER_SPLIT="i32",
                            stride_xn="i64", stride_wv="i64",
                            inv_temp="fp32", HAS_BIAS="constexpr", HAS_ENT="constexpr", BLOCK_N="constexpr",
                            BLOCK_V="constexpr", BLOCK_H="constexpr", EVEN_H="constexpr", PRECISION="constexpr", UPCAST="constexpr")
                 out.append(AOTKernel(
-                    name=f"linear_logprob_bwd_dx_{tdt[1:]}_ent{int(has_ent)}_{_cfg_name(cfg)}",
+                    name=f"linear_logprob_bwd_dx_{tdt[1:]}_bias{int(has_bias)}_ent{int(has_ent)}_{_cfg_name(cfg)}",
                     fn=_bwd_dx_kernel, signature=sig,
-                    constexprs=dict(HAS_BIAS=True, HAS_ENT=has_ent, EVEN_H=True, PRECISION=prec, UPCAST=False, **cfg.kwargs),
+                    constexprs=dict(HAS_BIAS=has_bias, HAS_ENT=has_ent, EVEN_H=True, PRECISION=prec, UPCAST=False, **cfg.kwargs),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 ))
-            for cfg in _configs("dw"):
+            for cfg in _configs("dw", fam):
                 sig = dict(bwd_sig, DW="*fp32", DB="*fp32", M="i32", H="i32", V="i32",
                            stride_xn="i64", stride_wv="i64",
                            inv_temp="fp32", HAS_BIAS="constexpr", HAS_ENT="constexpr", NEED_DB="constexpr",
                            BLOCK_N="constexpr", BLOCK_V="constexpr", BLOCK_H="constexpr", EVEN_H="constexpr", PRECISION="constexpr", UPCAST="constexpr")
                 out.append(AOTKernel(
-                    name=f"linear_logprob_bwd_dw_{tdt[1:]}_ent{int(has_ent)}_{_cfg_name(cfg)}",
+                    name=f"linear_logprob_bwd_dw_{tdt[1:]}_bias{int(has_bias)}_ent{int(has_ent)}_{_cfg_name(cfg)}",
                     fn=_bwd_dw_kernel, signature=sig,
-                    constexprs=dict(HAS_BIAS=True, HAS_ENT=has_ent, NEED_DB=True, EVEN_H=True, PRECISION=prec, UPCAST=False, **cfg.kwargs),
+                    constexprs=dict(HAS_BIAS=has_bias, HAS_ENT=has_ent, NEED_DB=has_bias, EVEN_H=True, PRECISION=prec, UPCAST=False, **cfg.kwargs),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 ))
     for tdt in dtypes:
