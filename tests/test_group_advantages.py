@@ -5,6 +5,7 @@ import torch
 from trl.trainer.utils import nanstd
 
 from fastrft_kernels import group_advantages, use_backend
+from fastrft_kernels._backend import interpreting
 
 BACKENDS = ("reference", "torch", "triton")
 NAN = float("nan")
@@ -140,3 +141,24 @@ def test_errors_name_the_argument(kwargs, error, message):
     args.update(kwargs)
     with pytest.raises(error, match=message):
         group_advantages(args.pop("rewards"), args.pop("group_size"), **args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are observable on CUDA only")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_host_sync_on_cuda(backend):
+    if backend == "triton" and interpreting():
+        pytest.skip("under TRITON_INTERPRET=1 the interpreter copies CUDA tensors to the host")
+    r = _rewards().float().cuda()
+    ids = (torch.arange(35) // 5 * 7 + 3)[torch.randperm(35)].cuda()
+    with use_backend(backend):
+        group_advantages(r, group_ids=ids, scale="batch")  # compiles the kernel outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outs = [group_advantages(r, 5), group_advantages(r, group_ids=ids, scale="batch"),
+                    group_advantages(r, 5, estimator="rloo")]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    with use_backend("reference"):
+        want = group_advantages(r.cpu().double(), 5)
+    _check(outs[0].cpu(), want)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastrft_kernels import LossConfig, policy_loss, use_backend
+from fastrft_kernels._backend import interpreting
 from fastrft_kernels.policy_loss import STAT_NAMES, policy_loss_with_grad
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
@@ -329,3 +330,25 @@ def test_input_errors_name_the_argument(kwargs, error, message):
     args.update(kwargs)
     with pytest.raises(error, match=message):
         policy_loss(args.pop("logp"), args.pop("advantages"), args.pop("cu_seqlens"), **args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are observable on CUDA only")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_host_sync_on_cuda(backend):
+    """policy_loss_with_grad(validate=False) and the backward never wait for the device."""
+    if backend == "triton" and interpreting():
+        pytest.skip("under TRITON_INTERPRET=1 the interpreter copies CUDA tensors to the host")
+    b = {k: v.cuda() for k, v in _batch(seed=8).items()}
+    config = _config("grpo", "sequence", 0.04, "k3", True, 1.5, quantile=0.5)
+    kw = dict(old_logp=b["old"], ref_logp=b["ref"], entropy=b["entropy"], importance_sampling_ratio=b["isr"],
+              mask=b["mask"], config=config, validate=False)
+    with use_backend(backend):
+        policy_loss_with_grad(b["logp"], b["adv"], b["cu"], **kw)  # compiles the kernel outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, stats, g = policy_loss_with_grad(b["logp"], b["adv"], b["cu"], **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    want = _run("reference", {k: v.cpu() for k, v in b.items()}, config, dtype=torch.float64)
+    assert _rel(loss.cpu(), want[0]) <= RTOL and _rel(g.cpu(), want[2]) <= RTOL
