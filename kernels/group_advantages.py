@@ -23,8 +23,8 @@ Backends: `reference` (a Python loop over groups, float64 for float64 rewards: t
 (one program per group: for `group_size` groups are contiguous; for `group_ids` the rewards are
 visited through a stable sort by group id, and group k's members are `perm[starts[k]:starts[k+1]]`,
 with starts from a segment count and a cumulative sum on the device; the grid has B programs, one
-per possible group, and the programs past the last group find an empty range and return). No
-backend reads a tensor on the host, so the call never waits for the device.
+per possible group, and the programs past the last group find an empty range and return). The
+torch and triton backends never read a tensor on the host, so the call never waits for the device.
 """
 
 from __future__ import annotations
@@ -143,19 +143,21 @@ def _reference(rewards, group_size, group_ids, scale, estimator, eps):
 
 
 def _dense_group_index(group_size, group_ids, B, device):
-    """(index [B] int64 in [0, n_slots), n_slots) without a host sync.
+    """(index [B] int64 in [0, n_slots), n_slots, perm [B] or None) without a host sync.
+
+    perm lists the rewards grouped (a stable sort by group id); None for contiguous groups.
 
     group_ids of any values become ranks of a stable sort; the number of distinct groups is not
     known without reading the device, so the segment buffers get B slots (the most there can be).
     """
     if group_ids is None:
-        return torch.arange(B, device=device) // group_size, B // group_size
+        return torch.arange(B, device=device) // group_size, B // group_size, None
     sorted_ids, perm = torch.sort(group_ids, stable=True)  # [B], [B]
     new_group = torch.ones(B, dtype=torch.long, device=device)  # [B]
     new_group[1:] = (sorted_ids[1:] != sorted_ids[:-1]).long()
     dense_sorted = torch.cumsum(new_group, 0) - 1  # [B] group rank in sorted order
     index = torch.empty_like(dense_sorted).scatter_(0, perm, dense_sorted)  # [B]
-    return index, B
+    return index, B, perm
 
 
 def _torch(rewards, group_size, group_ids, scale, estimator, eps):
@@ -165,7 +167,7 @@ def _torch(rewards, group_size, group_ids, scale, estimator, eps):
     device = r.device
     if B == 0:
         return torch.empty(0, dtype=dtype, device=device)
-    index, n = _dense_group_index(group_size, group_ids, B, device)  # [B], n slots
+    index, n, _ = _dense_group_index(group_size, group_ids, B, device)  # [B], n slots
     valid = ~torch.isnan(r)  # [B]
     rz = torch.where(valid, r, torch.zeros_like(r))  # [B] NaN -> 0 so sums skip them
     count = torch.zeros(n, dtype=dtype, device=device).index_add_(0, index, valid.to(dtype))  # [n]
@@ -204,6 +206,7 @@ def _batch_std(rz, valid):
 # ------------------------------------------------------------------------------------------- triton
 
 _SCALE_CODE = {"group": 0, "batch": 1, "none": 2}
+
 
 def _empty(shape, fill, *, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
@@ -291,7 +294,6 @@ def _group_advantages_kernel(
         tl.store(out_ptr + idx, adv, mask=inb)
 
 
-
 def _triton(rewards, group_size, group_ids, scale, estimator, eps):
     r = rewards.detach().float().contiguous()  # [B] fp32 (a copy of B floats at most)
     B = r.numel()
@@ -311,8 +313,7 @@ def _triton(rewards, group_size, group_ids, scale, estimator, eps):
         grid = B // group_size
         contiguous = True
     else:
-        index, n = _dense_group_index(None, group_ids, B, device)  # [B], B slots
-        perm = torch.sort(index, stable=True).indices  # [B] members grouped
+        index, n, perm = _dense_group_index(None, group_ids, B, device)  # [B], B slots, [B] members grouped
         counts = torch.zeros(n, dtype=torch.int32, device=device).index_add_(
             0, index, torch.ones(B, dtype=torch.int32, device=device)
         )  # [B] members per group slot (0 past the last group)
