@@ -19,6 +19,7 @@ text tokens equal (t, h, w); completion tokens continue from the prompt, max(pro
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -159,18 +160,39 @@ def pack_one(groups: list[Group]) -> MicroBatch:
     )
 
 
-def enable_packed_attention(model) -> None:
-    """Switches the model's text and vision attention to fastrft's segment attention
-    (`fastrft_kernels.hf_attention`), which reads the `segments` table of a packed batch."""
+@contextlib.contextmanager
+def segment_attention_on(model):
+    """Runs the block with the model's text and vision attention switched to fastrft's segment
+    attention (`fastrft_kernels.hf_attention`, which reads the `segments` table of a packed
+    batch), then restores the previous implementation. Rollouts need the previous one:
+    `generate` runs left-padded batches with a padding mask, which segment attention refuses."""
     from fastrft_kernels import hf_attention
 
+    previous = model.config._attn_implementation
+    if previous == hf_attention.NAME:
+        yield model
+        return
     hf_attention.enable_segment_attention(model)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
 
 
-def packed_forward(body, mb: MicroBatch, **vision) -> torch.Tensor:
-    """The model body on one packed micro-batch: hidden states [T, H]. `vision`: pixel_values
-    [Np, C] and image_grid_thw [I, 3] (each image once; the vision tower packs its images
-    by its own cu_seqlens)."""
+def packed_forward(model, mb: MicroBatch) -> torch.Tensor:
+    """The model body (no LM head) on one packed micro-batch: hidden states [T, H]. Images
+    (pixel_values [Np, C], image_grid_thw [I, 3]) go through the vision tower once each."""
     pos = mb.position_ids[:, None] if mb.position_ids.shape[0] == 3 else mb.position_ids  # [3, 1, T] | [1, T]
-    out = body(input_ids=mb.input_ids[None], position_ids=pos, segments=mb.segments, use_cache=False, **vision)
+    vision = {}
+    if mb.pixel_values is not None:
+        vision = {"pixel_values": mb.pixel_values, "image_grid_thw": mb.image_grid_thw}
+    with segment_attention_on(model):
+        out = models.body(model)(input_ids=mb.input_ids[None], position_ids=pos, segments=mb.segments,
+                                 use_cache=False, **vision)
     return out.last_hidden_state[0]
+
+
+def completion_hidden(model, mb: MicroBatch) -> torch.Tensor:
+    """Hidden states of the rows that predict each completion token, [N, H]: the prompt's
+    last row once per completion (its gradient sums over the G completions)."""
+    return packed_forward(model, mb)[mb.rows]

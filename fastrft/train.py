@@ -57,7 +57,7 @@ class GRPOConfig:
     eval_dataset: str | None = None  # None: the held-out synthetic split for "shapes", else no eval
     synthetic_tasks: list[str] = field(default_factory=lambda: ["colour", "count", "position"])
     train_size: int = 4096  # synthetic training rows
-    eval_size: int = 192  # held-out rows evaluated (synthetic: generated; files: the first ones)
+    eval_size: int = 192  # held-out rows evaluated (synthetic: generated; files: the first ones); 0: no eval
     image_size: int = 56  # synthetic image side in px (4 image tokens at 56)
     system_prompt: str | None = None
     output_dir: str = "runs/shapes"
@@ -163,16 +163,6 @@ def lr_lambda(cfg: GRPOConfig):
     return f
 
 
-def forward_hidden(model, mb: packing.MicroBatch) -> torch.Tensor:
-    """Runs the model body on one packed micro-batch; returns the hidden states of the rows
-    that predict completion tokens, [N, H] (the LM head is applied by the fused loss)."""
-    kw = {}
-    if mb.pixel_values is not None:
-        kw.update(pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw)
-    out = packing.packed_forward(models.body(model), mb, **kw)  # [T, H]
-    return out[mb.rows]  # [N, H]: the prompt's last row once per completion (gradients sum)
-
-
 def _device(cfg: GRPOConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -189,6 +179,8 @@ def _prompts_for(processor, rows, cfg, start_index=0):
 
 
 def _eval_rows(cfg: GRPOConfig):
+    if cfg.eval_size == 0:
+        return None
     if cfg.eval_dataset is not None:
         return load_rows(cfg.eval_dataset, size=cfg.eval_size)
     if cfg.dataset == "shapes":
@@ -213,7 +205,6 @@ def train(cfg: GRPOConfig) -> dict:
     accuracy_fn = load_reward(cfg.accuracy_reward)
     model, processor = models.load_model(cfg.model, seed=cfg.seed, image_size=cfg.image_size)
     model.to(device).train()
-    packing.enable_packed_attention(model)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
     head = models.lm_head(model)
     sampler = PromptSampler(len(train_rows), cfg.seed)
@@ -229,6 +220,10 @@ def train(cfg: GRPOConfig) -> dict:
     latest = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and latest is None:
         raise ValueError(f"resume: no checkpoint in {run_dir / 'checkpoints'}")
+    if not cfg.resume and ckpt.latest_checkpoint(run_dir) is not None:
+        raise ValueError(
+            f"{run_dir} already holds checkpoints: pass --resume true to continue that run, or another --output_dir"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     if latest is not None:
         ckpt.load_weights(model, latest)
@@ -301,6 +296,7 @@ def train(cfg: GRPOConfig) -> dict:
             keep = spread.nonzero().flatten().tolist()
 
         # 5. pack: each kept group once, micro-batches under the token budget
+        t_train = time.perf_counter()
         scored = (~rollout.truncated).tolist() if cfg.mask_truncated_completions else None
         groups = packing.make_groups(model, rollout.prompts, rollout.completions, scored)
         groups = [groups[i] for i in keep]
@@ -314,15 +310,14 @@ def train(cfg: GRPOConfig) -> dict:
         with torch.no_grad(), autocast:
             for b, mb in enumerate(batches):
                 if cfg.num_iterations > 1:
-                    old_logp[b] = fk.linear_logprob(forward_hidden(model, mb), head.weight, mb.targets,
+                    old_logp[b] = fk.linear_logprob(packing.completion_hidden(model, mb), head.weight, mb.targets,
                                                     bias=head.bias, temperature=cfg.loss_config().temperature)
                 if ref_model is not None:
                     ref_head = models.lm_head(ref_model)
-                    ref_logp[b] = fk.linear_logprob(forward_hidden(ref_model, mb), ref_head.weight, mb.targets,
+                    ref_logp[b] = fk.linear_logprob(packing.completion_hidden(ref_model, mb), ref_head.weight, mb.targets,
                                                     bias=ref_head.bias, temperature=cfg.loss_config().temperature)
 
         # 6-7. fused policy loss on completion rows, backward, clip, step
-        t_train = time.perf_counter()
         stats_sum: dict[str, float] = {}
         loss_total, grad_norm = 0.0, float("nan")
         for _ in range(cfg.num_iterations):
@@ -338,7 +333,7 @@ def train(cfg: GRPOConfig) -> dict:
                 else:
                     loss_cfg, weight = cfg.loss_config(), mb.seq_ids.numel() / max(n_seq, 1)
                 with autocast:
-                    hidden = forward_hidden(model, mb)  # [N, H]
+                    hidden = packing.completion_hidden(model, mb)  # [N, H]
                     loss, stats = fk.linear_policy_loss(
                         hidden, head.weight, mb.targets, advantages[mb.seq_ids], mb.cu_seqlens, bias=head.bias,
                         old_logp=old_logp[b], ref_logp=ref_logp[b], config=loss_cfg,
@@ -373,6 +368,11 @@ def train(cfg: GRPOConfig) -> dict:
             "rollout_tokens_per_s": rollout.new_tokens / max(rollout.seconds, 1e-9),
             "train_tokens_per_s": train_tokens / max(t_end - t_train, 1e-9),
             "train_tokens": train_tokens,
+            "completion_tokens": sum(c.numel() for c in completions),
+            "images_encoded": sum(0 if mb.image_grid_thw is None else mb.image_grid_thw.shape[0] for mb in batches)
+            * (cfg.num_iterations + (cfg.num_iterations > 1) + (ref_model is not None)),
+            "rollout_seconds": rollout.seconds,
+            "train_seconds": t_end - t_train,
             "micro_batches": len(batches),
             "step_seconds": t_end - t0,
             "peak_memory_mb": _peak_memory_mb(device),

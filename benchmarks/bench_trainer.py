@@ -1,0 +1,213 @@
+"""fastrft's GRPO step against TRL's GRPOTrainer (trl 1.16) on the same model, data and settings.
+
+    python -m benchmarks.bench_trainer                       # CPU here; unchanged on a GPU
+    python -m benchmarks.bench_trainer --steps 6 --completion 32 --image-size 112
+
+Both sides: the tiny Qwen2.5-VL of `fastrft.synthetic` (same seed, same weights), the synthetic
+shapes prompts, P prompts x G completions per step, the same sampling (temperature 1), the same
+max completion length, AdamW at the same learning rate, beta = 0, loss_type dapo, one
+optimizer step per rollout, fp32. Each side runs in its own fresh process (peak memory is
+that process's peak resident set on CPU, torch.cuda.max_memory_allocated on GPU); the first
+step is a warm-up and is left out of the medians.
+
+Per step it reports seconds (whole step, rollout phase, training phase), rollout tokens/s
+(completion tokens sampled / rollout seconds), training tokens/s (completion tokens trained /
+training seconds: the same numerator on both sides, so the ratio is the speed ratio), and the
+tokens each computes in the training forward: TRL runs G padded copies of every prompt and
+image ([P*G, prompt + completion] tokens, P*G images through the vision tower); fastrft runs
+each prompt and image once, then the completions ([prompt + sum of completions - G] tokens per
+group, P images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import command_line, device_info, markdown_table, write_results  # noqa: E402
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------- fastrft side
+def child_fastrft(a) -> dict:
+    from fastrft.metrics import read_metrics
+    from fastrft.train import GRPOConfig, train
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = GRPOConfig(
+            model="tiny", dataset="shapes", train_size=256, image_size=a.image_size, seed=a.seed, output_dir=out,
+            max_steps=a.steps, prompts_per_step=a.prompts, num_generations=a.G, max_completion_length=a.completion,
+            learning_rate=1e-5, warmup_steps=0, loss_type="dapo", beta=0.0, eval_size=0, eval_steps=0,
+            save_steps=0, save_total_limit=1, progress=False, reward_funcs=["shapes"],
+        )
+        train(cfg)
+        rows = [r for r in read_metrics(Path(out) / "metrics.jsonl") if r.get("kind") == "train"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    steps = [
+        {
+            "step_s": r["step_seconds"],
+            "rollout_s": r["rollout_seconds"],
+            "train_s": r["train_seconds"],
+            "completion_tokens": r["completion_tokens"],
+            "forward_tokens": r["train_tokens"],
+            "vision_images": r["images_encoded"],
+        }
+        for r in rows
+    ]
+    return {"steps": steps, "peak_bytes": _peak_bytes(device)}
+
+
+# ----------------------------------------------------------------------------- TRL side
+def child_trl(a) -> dict:
+    import datasets
+    from transformers import TrainerCallback
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
+
+    from fastrft import synthetic
+    from fastrft.data import load_image, load_rows
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    processor = synthetic.make_processor(a.image_size)
+    model = synthetic.make_model(processor, seed=a.seed)
+    rows = load_rows("shapes", size=256, seed=a.seed)
+    ds = datasets.Dataset.from_list([
+        {
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["problem"]}]}],
+            "image": load_image(r["images"][0], image_size=a.image_size),
+            "solution": r["solution"],
+        }
+        for r in rows
+    ])
+
+    def shapes_reward(prompts, completions, solution, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return synthetic.answer_reward(texts, solution)
+
+    args = TRLConfig(
+        output_dir=tempfile.mkdtemp(), max_steps=a.steps, per_device_train_batch_size=a.prompts * a.G,
+        gradient_accumulation_steps=1, num_generations=a.G, max_completion_length=a.completion,
+        learning_rate=1e-5, warmup_steps=0, lr_scheduler_type="constant", beta=0.0, loss_type="dapo",
+        temperature=1.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=device.type == "cpu",
+        bf16=False, seed=a.seed, dataloader_num_workers=0, max_grad_norm=1.0, shuffle_dataset=True,
+        disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=[shapes_reward], args=args, train_dataset=ds,
+                          processing_class=processor)
+    record: list[dict] = []
+    current: dict = {}
+    generate = trainer._generate_and_score_completions
+
+    def timed_generate(inputs):
+        t0 = time.perf_counter()
+        out = generate(inputs)
+        current["rollout_s"] = time.perf_counter() - t0
+        mask = out["completion_mask"]  # [P*G, C]
+        prompt_mask = out["prompt_mask"]  # [P*G, Lp] (left padded)
+        current["completion_tokens"] = int(mask.sum())
+        # the training forward runs the padded [P*G, Lp + C] batch, and every image P*G times
+        current["forward_tokens"] = int(prompt_mask.numel() + mask.numel())
+        current["vision_images"] = int(out["image_grid_thw"].shape[0]) if "image_grid_thw" in out else 0
+        return out
+
+    trainer._generate_and_score_completions = timed_generate
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            current.clear()
+            current["t0"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            step_s = time.perf_counter() - current.pop("t0")
+            record.append(dict(current, step_s=step_s, train_s=step_s - current["rollout_s"]))
+
+    trainer.add_callback(StepTimer())
+    trainer.train()
+    return {"steps": record, "peak_bytes": _peak_bytes(device)}
+
+
+# ----------------------------------------------------------------------------- driver
+def _summary(name: str, res: dict) -> dict:
+    steps = res["steps"][1:] or res["steps"]  # the first step warms up
+    med = lambda k: statistics.median(s[k] for s in steps)  # noqa: E731
+    return {
+        "trainer": name,
+        "step_s": med("step_s"),
+        "rollout_s": med("rollout_s"),
+        "train_s": med("train_s"),
+        "rollout_tok_s": statistics.median(s["completion_tokens"] / s["rollout_s"] for s in steps),
+        "train_tok_s": statistics.median(s["completion_tokens"] / s["train_s"] for s in steps),
+        "completion_tokens": med("completion_tokens"),
+        "forward_tokens": med("forward_tokens"),
+        "vision_images": med("vision_images"),
+        "peak_mb": res["peak_bytes"] / 2**20,
+        "steps_measured": len(steps),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--G", type=int, default=8)
+    p.add_argument("--completion", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--child", choices=["fastrft", "trl"], default=None)
+    a = p.parse_args()
+    if a.child:
+        torch.manual_seed(a.seed)
+        res = child_fastrft(a) if a.child == "fastrft" else child_trl(a)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    rows = []
+    for name in ("trl", "fastrft"):
+        cmd = [sys.executable, "-m", "benchmarks.bench_trainer", "--child", name] + sys.argv[1:]
+        env = dict(os.environ, TQDM_DISABLE="1")
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
+            raise SystemExit(f"{name} run failed")
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+        rows.append(_summary(name, json.loads(line[7:])))
+    trl, ours = rows
+    ours["train_speedup_vs_trl"] = trl["train_s"] / ours["train_s"]
+    ours["step_speedup_vs_trl"] = trl["step_s"] / ours["step_s"]
+    ours["peak_ratio_vs_trl"] = ours["peak_mb"] / trl["peak_mb"]
+    settings = {"prompts": a.prompts, "G": a.G, "max_completion_length": a.completion, "image_size": a.image_size,
+                "steps": a.steps}
+    for r in rows:
+        r.update(settings)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = write_results("trainer", rows, command=command_line(), device=device,
+                         notes="tiny Qwen2.5-VL, synthetic shapes, dapo, beta 0, fp32; medians over steps after the first")
+    cols = ["trainer", "step_s", "rollout_s", "train_s", "rollout_tok_s", "train_tok_s", "forward_tokens",
+            "vision_images", "peak_mb"]
+    print(f"device: {device_info(device)}")
+    print(markdown_table(rows, cols, ["trainer", "s/step", "rollout s", "train s", "rollout tok/s",
+                                      "train tok/s", "forward tokens/step", "images encoded/step", "peak MB"]))
+    print(f"fastrft vs TRL: training phase {ours['train_speedup_vs_trl']:.2f}x, whole step "
+          f"{ours['step_speedup_vs_trl']:.2f}x, peak memory {ours['peak_ratio_vs_trl']:.2f}x  -> {path}")
+
+
+if __name__ == "__main__":
+    main()
