@@ -15,11 +15,13 @@ Three backends (DESIGN.md):
   separate pass. No atomics anywhere, so gradients are bitwise deterministic.
   Head dims that are not a power of 2 (72, 80, 96: Qwen2.5-VL's vision tower uses 80)
   are padded to the next power of 2 with load/store masks.
-- torch: chunks of 128 queries, each against the key span its entries cover, with a
-  custom backward that recomputes the probabilities from the saved lse (as the kernel
-  does). Peak extra memory is one chunk's [Hq, 128, span] fp32 scores instead of the
-  [Hq, T, T] a dense mask costs (T = 4096, Hq = 16: 1 GiB dense vs 32 MiB per chunk at a
-  4096-token span), and autograd saves only q, k, v, out and lse.
+- torch: chunks of queries, each against the key span its entries cover, with the chunk's
+  [c, span] bool mask; never a [T, T] mask (T = 4096, Hq = 16: dense fp32 scores are 1 GiB).
+  Without lse, each chunk is one PyTorch SDPA call (its fused CPU/GPU kernels; 256-query
+  chunks). With return_lse=True (SDPA does not return it), 128-query chunks of explicit
+  fp32 matmuls with a custom backward that recomputes the probabilities from the saved
+  lse, as the kernel does: peak extra memory one chunk's [Hq, 128, span] fp32 scores, and
+  autograd saves only q, k, v, out and lse.
 - reference: a dense [Tq, Tk] mask in float64; the spec for tests.
 
 Outputs: `out` has q's dtype (it feeds the next layer, as flash-attn's does); `lse` is
@@ -55,8 +57,11 @@ def _blocks(dtype: torch.dtype, block_d: int, backward: bool) -> tuple[int, int]
     if dtype == torch.float32 and block_d <= 64:
         return (32, 32)  # fits at BD = 64 (168 registers, no spill); 16 x 32 spilled 8 B on sm_80 there
     return _BLOCKS[dtype]
-# torch path: queries per chunk (scores [Hq, 128, span] fp32 at a time).
+# torch path: queries per chunk (scores [Hq, 128, span] fp32 at a time) for the lse path;
+# the SDPA path (no lse asked) takes 256-query chunks: SDPA blocks internally, so a chunk
+# costs only its [256, span] bool mask, and larger chunks amortize the per-call overhead.
 TORCH_CHUNK = 128
+SDPA_CHUNK = 256
 _MAX_HEAD_DIM = 256
 
 try:  # triton is optional on CPU-only installs; the torch and reference paths never need it
@@ -453,6 +458,36 @@ class _TorchSegmentAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
+def _torch_sdpa(q, k, v, segments: Segments, scale):
+    """out [Tq, Hq, D]: per 256-query chunk, SDPA over the chunk's key span with its bool mask.
+
+    PyTorch's own SDPA kernels (flash on CPU) do the softmax blockwise and save only what
+    their backward needs, so memory stays O(chunk x span) bytes of mask. A query that sees no
+    key gets an all-True mask row (no NaN from an empty softmax) and a 0 output.
+    """
+    Tq, Hq, D = q.shape
+    Tk = k.shape[0]
+    outs = []
+    for q0, q1, k0, k1, sel in segments.query_chunks(Tq, Tk, SDPA_CHUNK):
+        if not sel or k1 <= k0:
+            outs.append(q.new_zeros(q1 - q0, Hq, D))
+            continue
+        mask = _chunk_mask(segments, sel, q0, q1, k0, k1, q.device)  # [c, L]
+        seen = mask.any(1)  # [c]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[q0:q1].transpose(0, 1)[None],  # [1, Hq, c, D]
+            k[k0:k1].transpose(0, 1)[None],  # [1, Hk, L, D]
+            v[k0:k1].transpose(0, 1)[None],
+            attn_mask=mask | ~seen[:, None],
+            scale=scale,
+            enable_gqa=True,
+        )[0].transpose(0, 1)  # [c, Hq, D]
+        outs.append(torch.where(seen[:, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device)))
+    if not outs:
+        return q.new_zeros(Tq, Hq, D)
+    return torch.cat(outs)
+
+
 # =============================================================================== reference
 def _reference(q, k, v, segments: Segments, scale):
     """Dense [Tq, Tk] mask, float64, plain autograd. The spec."""
@@ -514,6 +549,8 @@ def segment_attention(q, k, v, segments: Segments, *, softmax_scale: float | Non
     if backend == "reference":
         out, lse = _reference(q, k, v, segments, scale)
     elif backend == "torch":
+        if not return_lse:
+            return _torch_sdpa(q, k, v, segments, scale)
         out, lse = _TorchSegmentAttention.apply(q, k, v, segments, scale)
     else:
         if q.dtype == torch.float64:

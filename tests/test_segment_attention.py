@@ -60,15 +60,20 @@ def _inputs(Hq, Hk, D, dtype, seed=0):
 
 
 def _run(backend, q, k, v, do, dlse, segments, use_lse=True):
-    """out, lse, dq, dk, dv (float64) for loss = <out, do> + <lse, dlse> (finite lse only)."""
+    """out, lse, dq, dk, dv (float64) for loss = <out, do> + <lse, dlse> (finite lse only).
+    With use_lse=False the op runs without return_lse (the torch backend's SDPA path) and
+    lse comes back as None."""
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
     with use_backend(backend):
-        out, lse = segment_attention(q, k, v, segments, return_lse=True)
+        if use_lse:
+            out, lse = segment_attention(q, k, v, segments, return_lse=True)
+        else:
+            out, lse = segment_attention(q, k, v, segments), None
     loss = (out.double() * do.double()).sum()
     if use_lse:
         loss = loss + torch.where(torch.isfinite(lse), lse.double() * dlse.double(), 0.0).sum()
     loss.backward()
-    return [x.detach().double() for x in (out, lse, q.grad, k.grad, v.grad)]
+    return [None if x is None else x.detach().double() for x in (out, lse, q.grad, k.grad, v.grad)]
 
 
 def _plain(q, k, v, do, dlse, segments, use_lse=True):
@@ -97,22 +102,26 @@ def _rel(a, ref):
 NAMES = ("out", "lse", "dq", "dk", "dv")
 
 
-def _check(backend, table, Hq, Hk, D, dtype):
+def _check(backend, table, Hq, Hk, D, dtype, use_lse=True):
     segments = TABLES[table]
     q, k, v, do, dlse = _inputs(Hq, Hk, D, dtype)
-    ref = _run("reference", q.double(), k.double(), v.double(), do, dlse, segments)
-    got = _run(backend, q, k, v, do, dlse, segments)
+    ref = _run("reference", q.double(), k.double(), v.double(), do, dlse, segments, use_lse)
+    got = _run(backend, q, k, v, do, dlse, segments, use_lse)
     # rows in no entry: output exactly 0, lse -inf, no gradient
     none = ~segments.dense_mask(T).any(1)
     if none.any():
-        assert torch.all(got[0][none] == 0) and torch.all(torch.isneginf(got[1][:, none]))
-        assert torch.all(got[2][none] == 0)
+        assert torch.all(got[0][none] == 0) and torch.all(got[2][none] == 0)
+        assert not use_lse or torch.all(torch.isneginf(got[1][:, none]))
+    checked = [(n, a, r) for n, a, r in zip(NAMES, got, ref) if r is not None]
+    assert len(checked) == (5 if use_lse else 4)
     if dtype == torch.float32:
-        for name, a, r in zip(NAMES, got, ref):
+        for name, a, r in checked:
             assert _rel(a, r) <= 1e-5, f"{name}: rel err {_rel(a, r):.2e}"
     else:
-        base = _plain(q, k, v, do, dlse, segments)
+        base = _plain(q, k, v, do, dlse, segments, use_lse)
         for name, a, b, r in zip(NAMES, got, base, ref):
+            if r is None:
+                continue
             err, err_plain = _rel(a, r), _rel(b, r)
             assert err <= max(2 * err_plain, 1e-3), f"{name}: rel err {err:.2e} vs plain {dtype} {err_plain:.2e}"
 
@@ -134,11 +143,12 @@ def test_triton_matches_reference(table, Hq, Hk, D, dtype):
     _check("triton", table, Hq, Hk, D, dtype)
 
 
+@pytest.mark.parametrize("use_lse", [True, False], ids=["lse_path", "sdpa_path"])
 @pytest.mark.parametrize("table", sorted(TABLES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_torch_matches_reference(table, dtype):
+def test_torch_matches_reference(table, dtype, use_lse):
     Hq, Hk = {torch.float32: (4, 1), torch.bfloat16: (2, 1), torch.float16: (2, 2)}[dtype]
-    _check("torch", table, Hq, Hk, 72 if dtype == torch.float32 else 64, dtype)
+    _check("torch", table, Hq, Hk, 72 if dtype == torch.float32 else 64, dtype, use_lse)
 
 
 def test_triton_backward_is_deterministic():
