@@ -67,7 +67,7 @@ class GRPOConfig:
     prompts_per_step: int = 16  # prompts per step; completions per step = prompts_per_step * num_generations
     num_generations: int = 8  # G
     max_prompt_length: int = 512  # a longer prompt (image tokens included) is an error, never cut
-    max_completion_length: int = 3
+    max_completion_length: int = 2
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
@@ -94,7 +94,7 @@ class GRPOConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
+    adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     token_budget: int = 16384  # tokens per packed micro-batch
@@ -339,7 +339,7 @@ def train(cfg: GRPOConfig) -> dict:
                         old_logp=old_logp[b], ref_logp=ref_logp[b], config=loss_cfg,
                     )
                 (loss * weight).backward()
-                loss_total += float(loss) * weight / cfg.num_iterations
+                loss_total += float(loss.detach()) * weight / cfg.num_iterations
                 for k, v in stats.items():
                     v = float(v)
                     if math.isfinite(v):
