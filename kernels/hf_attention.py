@@ -13,9 +13,15 @@ How it plugs in (transformers 5.x, read from modeling_qwen2_5_vl.py / masking_ut
 - `AttentionMaskInterface.register("fastrft_segment", ...)` returning None: the text model
   builds no [T, T] mask at all (the segment table is the mask). A 2-D padding mask with
   zeros is rejected: a packed batch has no padding.
-- Vision tower (Qwen2-VL, Qwen2.5-VL): implementations whose name lacks "flash" get one
-  call per image / window (`cu_seqlens` split on the host, `is_causal=False`); each call
-  runs as one full entry. The tower computes each image once whatever the text layout.
+- Vision tower (Qwen2-VL, Qwen2.5-VL): transformers sends the whole packed tower to the
+  attention function with its `cu_seqlens` (per image, or per window) only when the
+  implementation's name contains "flash" (`is_flash_attention_requested`); any other name
+  gets one call per image / window, split on the host. So the vision config is set to a
+  second name for the same function, VISION_NAME = "fastrft_segment_flash_varlen" (our
+  kernel, not flash-attn): one call per vision layer, table from `cu_seq_lens_q` via
+  `varlen_attention(causal=False)` (built once per cu_seqlens tensor, which the tower
+  reuses across its layers). A call per image still works (is_causal=False: one full entry).
+  The tower computes each image once whatever the text layout.
 
 Text kwargs: `segments` (a `Segments` table over the packed tokens, batch size 1) selects
 the packed path; without it each batch row is one causal sequence (bottom-right aligned,
@@ -43,10 +49,11 @@ from typing import Sequence
 
 import torch
 
-from .segment_attention import segment_attention
+from .segment_attention import segment_attention, varlen_attention
 from .segments import CAUSAL, FULL, Segments
 
 NAME = "fastrft_segment"
+VISION_NAME = "fastrft_segment_flash_varlen"  # "flash" in the name: see the module docstring
 
 # a few small tables reused across layers and calls: (Lq, Lk, B, kind) -> Segments
 _SIMPLE_TABLES: dict = {}
@@ -94,6 +101,18 @@ def segment_attention_forward(
     B, Hq, L, D = query.shape
     S = key.shape[2]
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is not None:
+        # packed vision tower (or any caller in flash-attn's varlen convention), batch 1
+        if B != 1:
+            raise ValueError(f"cu_seq_lens_q= needs one packed sequence (batch 1), got batch {B}")
+        cu_k = kwargs.get("cu_seq_lens_k")
+        out = varlen_attention(
+            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),  # [T, H, D]
+            cu_q.to(torch.int32), None if cu_k is None else cu_k.to(torch.int32),
+            causal=bool(causal), softmax_scale=scaling,
+        )
+        return out[None], None
     if not causal:
         # vision tower: one image / window per call, every token sees every token
         table = _simple_table(L, S, B, FULL)
@@ -129,8 +148,9 @@ def register() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(NAME, segment_attention_forward)
-    AttentionMaskInterface.register(NAME, _no_mask)
+    for name in (NAME, VISION_NAME):
+        AttentionInterface.register(name, segment_attention_forward)
+        AttentionMaskInterface.register(name, _no_mask)
     return NAME
 
 
@@ -141,7 +161,10 @@ def enable_segment_attention(model):
     and the vision tower attends within each image / window of its own cu_seqlens.
     """
     register()
-    model.set_attn_implementation(NAME)
+    impl = {"": NAME}
+    for key in getattr(model.config, "sub_configs", {}):
+        impl[key] = VISION_NAME if "vision" in key else NAME
+    model.set_attn_implementation(impl)
     return model
 
 

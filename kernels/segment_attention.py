@@ -572,14 +572,16 @@ def varlen_attention(
     to q's). Sequence s attends queries [cu_q[s], cu_q[s+1]) to keys [cu_k[s], cu_k[s+1]),
     causal aligned bottom-right when `causal`. max_seqlen_q / max_seqlen_k are accepted for
     signature compatibility and unused (the plan knows every length). Returns out [Tq, Hq, D].
-    The table is cached per cu_seqlens tensor object, so layers reusing one build it once.
+    The table is cached per cu_seqlens tensor object (the last 8), so layers reusing one
+    build it (and read it on the host) once.
     """
     _check_qkv(q, k, v)
     cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
     key = (id(cu_seqlens_q), id(cu_k), bool(causal), q.shape[0], k.shape[0])
-    cached = _VARLEN_CACHE.get("last")
-    if cached is not None and cached[0] == key and cached[1] is cu_seqlens_q and cached[2] is cu_k:
-        segments = cached[3]
+    cached = _VARLEN_CACHE.get(key)
+    # the cache holds the cu tensors themselves, so an id cannot be reused while cached
+    if cached is not None and cached[0] is cu_seqlens_q and cached[1] is cu_k:
+        segments = cached[2]
     else:
         check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
         check_cu_seqlens(cu_k, k.shape[0], "cu_seqlens_k")
@@ -594,12 +596,17 @@ def varlen_attention(
             cq, ck = cu_seqlens_q.detach().cpu(), cu_k.detach().cpu()
             kind = torch.full_like(cq[1:], CAUSAL if causal else 0)
             segments = Segments(torch.stack([cq[:-1], cq[1:], ck[:-1], ck[1:], kind], 1).to(torch.int32).contiguous())
-        _VARLEN_CACHE["last"] = (key, cu_seqlens_q, cu_k, segments)
+        if len(_VARLEN_CACHE) >= _VARLEN_CACHE_SIZE:
+            _VARLEN_CACHE.pop(next(iter(_VARLEN_CACHE)))  # oldest first
+        _VARLEN_CACHE[key] = (cu_seqlens_q, cu_k, segments)
     return segment_attention(q, k, v, segments, softmax_scale=softmax_scale)
 
 
-# one slot: the last cu_seqlens pair seen (a model's layers call with the same tensors)
+# The last few cu_seqlens pairs seen -> their tables. A model's layers call with the same
+# tensors (a Qwen2.5-VL vision tower alternates two: per window and per image), so each
+# table and plan is built once per forward, not once per layer.
 _VARLEN_CACHE: dict = {}
+_VARLEN_CACHE_SIZE = 8
 
 
 # =============================================================================== AOT configs

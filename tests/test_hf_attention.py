@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastrft_kernels import shared_prefix_segments, use_backend
-from fastrft_kernels.hf_attention import NAME, enable_segment_attention, shared_prefix_position_ids
+from fastrft_kernels.hf_attention import NAME, VISION_NAME, enable_segment_attention, shared_prefix_position_ids
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
@@ -53,16 +53,20 @@ def _completion_logp(logits, ids, pred_rows):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_packed_shared_prefix_matches_unpacked_sdpa(backend, monkeypatch):
+    import importlib
+
     from fastrft_kernels import hf_attention
 
+    sa_module = importlib.import_module("fastrft_kernels.segment_attention")
+    real = sa_module.segment_attention
     calls = []  # (table, Tq) of every segment attention call: proves text and vision both go through it
 
     def counting(q, k, v, table, **kw):
         calls.append((table, q.shape[0]))
-        return hf_attention.__dict__["_real_segment_attention"](q, k, v, table, **kw)
+        return real(q, k, v, table, **kw)
 
-    monkeypatch.setitem(hf_attention.__dict__, "_real_segment_attention", hf_attention.segment_attention)
-    monkeypatch.setattr(hf_attention, "segment_attention", counting)
+    monkeypatch.setattr(hf_attention, "segment_attention", counting)  # text layers
+    monkeypatch.setattr(sa_module, "segment_attention", counting)  # varlen_attention: vision layers
     model = _tiny_model()
     g = torch.Generator().manual_seed(1)
     grids = [(1, 4, 6), (1, 2, 4)]  # 24 patches (6 tokens; windows of 2x2 tokens), 8 patches (2 tokens)
@@ -93,7 +97,7 @@ def test_packed_shared_prefix_matches_unpacked_sdpa(backend, monkeypatch):
     # ---- packed: each prompt and image once, completions after it, one segment table
     enable_segment_attention(model)
     assert model.config._attn_implementation == NAME
-    assert model.config.vision_config._attn_implementation == NAME
+    assert model.config.vision_config._attn_implementation == VISION_NAME
     model.zero_grad()
     prompt_pos = [model.model.get_rope_index(ids[None], types[None], image_grid_thw=torch.tensor([grids[p]]))[0][:, 0]
                   for p, (ids, types, _) in enumerate(prompts)]
@@ -125,10 +129,14 @@ def test_packed_shared_prefix_matches_unpacked_sdpa(backend, monkeypatch):
     text_calls = [t for t, _ in calls if t is segments]
     vision_calls = [(t, n) for t, n in calls if t is not segments]
     assert len(text_calls) == 2  # one per text layer, the whole packed batch at once
-    # vision, each image once: layer 0 per window of 2x2 merged tokens (image 0 is 2x3 merged
-    # tokens -> windows of 16 and 8 patches; image 1 is 1x2 -> one of 8), layer 1 per image (24, 8)
-    assert sorted(n for _, n in vision_calls) == [8, 8, 8, 16, 24]
-    assert all(t.entries() == [(0, n, 0, n, 0)] for t, n in vision_calls)
+    # vision: one call per layer over all 32 patches, each image once. Layer 0 attends per
+    # window of 2x2 merged tokens (image 0 is 2x3 merged tokens -> windows of 16 and 8
+    # patches; image 1 is 1x2 -> one of 8), layer 1 (full attention) per image (24, 8).
+    assert [n for _, n in vision_calls] == [32, 32]
+    assert [t.entries() for t, _ in vision_calls] == [
+        [(0, 16, 0, 16, 0), (16, 24, 16, 24, 0), (24, 32, 24, 32, 0)],
+        [(0, 24, 0, 24, 0), (24, 32, 24, 32, 0)],
+    ]
     for a, b in zip(got_pos, ref_pos):
         assert torch.equal(a, b), "completion mrope positions must continue from the prompt"
     for i, (a, b) in enumerate(zip(got_logp, ref_logp)):
