@@ -170,44 +170,52 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--G", type=int, default=8)
     p.add_argument("--completion", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--image-size", type=int, nargs="+", default=[112, 224],
+                   help="image side(s) in px: 112 -> 16 image tokens per prompt, 224 -> 64")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", choices=["fastrft", "trl"], default=None)
     a = p.parse_args()
     if a.child:
+        a.image_size = a.image_size[0]
         torch.manual_seed(a.seed)
         res = child_fastrft(a) if a.child == "fastrft" else child_trl(a)
         print("RESULT " + json.dumps(res), flush=True)
         return
     rows = []
-    for name in ("trl", "fastrft"):
-        cmd = [sys.executable, "-m", "benchmarks.bench_trainer", "--child", name] + sys.argv[1:]
-        env = dict(os.environ, TQDM_DISABLE="1")
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
-            raise SystemExit(f"{name} run failed")
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-        rows.append(_summary(name, json.loads(line[7:])))
-    trl, ours = rows
-    ours["train_speedup_vs_trl"] = trl["train_s"] / ours["train_s"]
-    ours["step_speedup_vs_trl"] = trl["step_s"] / ours["step_s"]
-    ours["peak_ratio_vs_trl"] = ours["peak_mb"] / trl["peak_mb"]
-    settings = {"prompts": a.prompts, "G": a.G, "max_completion_length": a.completion, "image_size": a.image_size,
-                "steps": a.steps}
-    for r in rows:
-        r.update(settings)
+    for size in a.image_size:
+        pair = []
+        for name in ("trl", "fastrft"):
+            cmd = [sys.executable, "-m", "benchmarks.bench_trainer", "--child", name, "--steps", str(a.steps),
+                   "--prompts", str(a.prompts), "--G", str(a.G), "--completion", str(a.completion),
+                   "--image-size", str(size), "--seed", str(a.seed)]
+            env = dict(os.environ, TQDM_DISABLE="1")
+            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
+                raise SystemExit(f"{name} run failed")
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+            pair.append(_summary(name, json.loads(line[7:])))
+        trl, ours = pair
+        ours["train_speedup_vs_trl"] = trl["train_s"] / ours["train_s"]
+        ours["step_speedup_vs_trl"] = trl["step_s"] / ours["step_s"]
+        ours["peak_ratio_vs_trl"] = ours["peak_mb"] / trl["peak_mb"]
+        for r in pair:
+            r.update({"prompts": a.prompts, "G": a.G, "max_completion_length": a.completion, "image_size": size,
+                      "steps": a.steps})
+        rows += pair
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = write_results("trainer", rows, command=command_line(), device=device,
                          notes="tiny Qwen2.5-VL, synthetic shapes, dapo, beta 0, fp32; medians over steps after the first")
-    cols = ["trainer", "step_s", "rollout_s", "train_s", "rollout_tok_s", "train_tok_s", "forward_tokens",
+    cols = ["trainer", "image_size", "step_s", "rollout_s", "train_s", "rollout_tok_s", "train_tok_s", "forward_tokens",
             "vision_images", "peak_mb"]
     print(f"device: {device_info(device)}")
-    print(markdown_table(rows, cols, ["trainer", "s/step", "rollout s", "train s", "rollout tok/s",
+    print(markdown_table(rows, cols, ["trainer", "image px", "s/step", "rollout s", "train s", "rollout tok/s",
                                       "train tok/s", "forward tokens/step", "images encoded/step", "peak MB"]))
-    print(f"fastrft vs TRL: training phase {ours['train_speedup_vs_trl']:.2f}x, whole step "
-          f"{ours['step_speedup_vs_trl']:.2f}x, peak memory {ours['peak_ratio_vs_trl']:.2f}x  -> {path}")
-
+    for r in rows:
+        if r["trainer"] == "fastrft":
+            print(f"image {r['image_size']} px: fastrft vs TRL: training phase {r['train_speedup_vs_trl']:.2f}x, "
+                  f"whole step {r['step_speedup_vs_trl']:.2f}x, peak memory {r['peak_ratio_vs_trl']:.2f}x")
+    print(f"-> {path}")
 
 if __name__ == "__main__":
     main()

@@ -57,6 +57,11 @@ def _coerce(name: str, value, tp):
             raise ValueError(f"config {name}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config {name}: expected a number, got {value!r}")
         return float(value)

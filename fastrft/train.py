@@ -106,6 +106,7 @@ class GRPOConfig:
     save_steps: int = 200  # 0: only at the end
     save_total_limit: int = 2
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    log_entropy: bool = True  # mean policy entropy on completion tokens (one extra no-grad LM-head pass)
     progress: bool = True
 
     def __post_init__(self):
@@ -319,8 +320,8 @@ def train(cfg: GRPOConfig) -> dict:
 
         # 6-7. fused policy loss on completion rows, backward, clip, step
         stats_sum: dict[str, float] = {}
-        loss_total, grad_norm = 0.0, float("nan")
-        for _ in range(cfg.num_iterations):
+        loss_total, grad_norm, entropy_sum = 0.0, float("nan"), 0.0
+        for it in range(cfg.num_iterations):
             optimizer.zero_grad(set_to_none=True)
             for b, mb in enumerate(batches):
                 n_mb_valid = int((mb.targets != packing.IGNORE).sum())
@@ -339,6 +340,11 @@ def train(cfg: GRPOConfig) -> dict:
                         old_logp=old_logp[b], ref_logp=ref_logp[b], config=loss_cfg,
                     )
                 (loss * weight).backward()
+                if cfg.log_entropy and it == 0:
+                    with torch.no_grad():  # entropy is 0 at ignored rows: sum, then divide by valid rows
+                        _, ent = fk.linear_logprob(hidden.detach(), head.weight, mb.targets, bias=head.bias,
+                                                   temperature=loss_cfg.temperature, return_entropy=True)
+                        entropy_sum += float(ent.sum())
                 loss_total += float(loss.detach()) * weight / cfg.num_iterations
                 for k, v in stats.items():
                     v = float(v)
@@ -365,6 +371,7 @@ def train(cfg: GRPOConfig) -> dict:
             "grad_norm": grad_norm,
             "lr": scheduler.get_last_lr()[0],
             **stats_sum,
+            **({"entropy": entropy_sum / max(n_valid, 1)} if cfg.log_entropy else {}),
             "rollout_tokens_per_s": rollout.new_tokens / max(rollout.seconds, 1e-9),
             "train_tokens_per_s": train_tokens / max(t_end - t_train, 1e-9),
             "train_tokens": train_tokens,

@@ -20,8 +20,9 @@ def test_precedence_and_types(tmp_path):
 
 
 def test_comma_lists_and_dashes():
-    cfg = load_config(GRPOConfig, None, ["--synthetic-tasks", "colour,count", "--max-steps", "5"])
-    assert cfg.synthetic_tasks == ["colour", "count"] and cfg.max_steps == 5
+    cfg = load_config(GRPOConfig, None, ["--synthetic-tasks", "colour,count", "--max-steps", "5", "--learning_rate",
+                                         "1e-3"])
+    assert cfg.synthetic_tasks == ["colour", "count"] and cfg.max_steps == 5 and cfg.learning_rate == 1e-3
 
 
 @pytest.mark.parametrize("where", ["yaml", "cli"])
