@@ -37,7 +37,13 @@ from pathlib import Path
 
 import torch
 
-import fastrft_kernels as fk
+# Imported from their modules: `fastrft_kernels.linear_logprob` names both a submodule and its
+# function, and once the submodule is imported (linear_policy_loss imports it) the package
+# attribute is the module, not the function.
+from fastrft_kernels.group_advantages import group_advantages
+from fastrft_kernels.linear_logprob import linear_logprob
+from fastrft_kernels.linear_policy_loss import linear_policy_loss
+from fastrft_kernels.loss_config import LossConfig
 
 from . import checkpoint as ckpt
 from . import models, packing
@@ -132,8 +138,8 @@ class GRPOConfig:
             )
         self.loss_config()  # LossConfig checks loss_type, epsilons, delta, beta
 
-    def loss_config(self, **kw) -> "fk.LossConfig":
-        return fk.LossConfig(
+    def loss_config(self, **kw) -> "LossConfig":
+        return LossConfig(
             loss_type=self.loss_type,
             importance_sampling_level=self.importance_sampling_level,
             epsilon_low=self.epsilon,
@@ -289,7 +295,7 @@ def train(cfg: GRPOConfig) -> dict:
         )
 
         # 4. group advantages
-        advantages = fk.group_advantages(rewards, G, scale=cfg.scale_rewards, estimator=cfg.advantage_estimator)
+        advantages = group_advantages(rewards, G, scale=cfg.scale_rewards, estimator=cfg.advantage_estimator)
         keep = list(range(len(rows)))
         if cfg.dynamic_sampling:  # groups of equal rewards carry no signal: leave them out
             r = rewards.view(-1, G)
@@ -311,11 +317,11 @@ def train(cfg: GRPOConfig) -> dict:
         with torch.no_grad(), autocast:
             for b, mb in enumerate(batches):
                 if cfg.num_iterations > 1:
-                    old_logp[b] = fk.linear_logprob(packing.completion_hidden(model, mb), head.weight, mb.targets,
+                    old_logp[b] = linear_logprob(packing.completion_hidden(model, mb), head.weight, mb.targets,
                                                     bias=head.bias, temperature=cfg.loss_config().temperature)
                 if ref_model is not None:
                     ref_head = models.lm_head(ref_model)
-                    ref_logp[b] = fk.linear_logprob(packing.completion_hidden(ref_model, mb), ref_head.weight, mb.targets,
+                    ref_logp[b] = linear_logprob(packing.completion_hidden(ref_model, mb), ref_head.weight, mb.targets,
                                                     bias=ref_head.bias, temperature=cfg.loss_config().temperature)
 
         # 6-7. fused policy loss on completion rows, backward, clip, step
@@ -335,14 +341,14 @@ def train(cfg: GRPOConfig) -> dict:
                     loss_cfg, weight = cfg.loss_config(), mb.seq_ids.numel() / max(n_seq, 1)
                 with autocast:
                     hidden = packing.completion_hidden(model, mb)  # [N, H]
-                    loss, stats = fk.linear_policy_loss(
+                    loss, stats = linear_policy_loss(
                         hidden, head.weight, mb.targets, advantages[mb.seq_ids], mb.cu_seqlens, bias=head.bias,
                         old_logp=old_logp[b], ref_logp=ref_logp[b], config=loss_cfg,
                     )
                 (loss * weight).backward()
                 if cfg.log_entropy and it == 0:
                     with torch.no_grad():  # entropy is 0 at ignored rows: sum, then divide by valid rows
-                        _, ent = fk.linear_logprob(hidden.detach(), head.weight, mb.targets, bias=head.bias,
+                        _, ent = linear_logprob(hidden.detach(), head.weight, mb.targets, bias=head.bias,
                                                    temperature=loss_cfg.temperature, return_entropy=True)
                         entropy_sum += float(ent.sum())
                 loss_total += float(loss.detach()) * weight / cfg.num_iterations

@@ -5,7 +5,7 @@ parameter as running each prompt + completion alone, unpadded, with transformers
 import pytest
 import torch
 
-import fastrft_kernels as fk
+from fastrft_kernels.linear_logprob import linear_logprob
 from fastrft import models, packing, synthetic
 from fastrft.data import load_image, load_rows, render_prompt
 from fastrft.rollout import encode_prompts
@@ -52,7 +52,7 @@ def _packed(model, prompts, completions, weights, token_budget):
     offsets = torch.tensor([0] + [len(c) for g in completions for c in g]).cumsum(0)
     for mb in batches:
         hidden = packing.completion_hidden(model, mb)  # [N, H]
-        lp = fk.linear_logprob(hidden, head.weight, mb.targets)  # [N]
+        lp = linear_logprob(hidden, head.weight, mb.targets)  # [N]
         index = torch.cat([torch.arange(offsets[s], offsets[s + 1]) for s in mb.seq_ids.tolist()])
         (lp * weights[index]).sum().backward()
         logp[index] = lp.detach()
