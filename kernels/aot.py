@@ -77,20 +77,40 @@ def _jit_functions(module) -> dict[str, object]:
     return found
 
 
+def _called_jit_names(fn) -> set[str]:
+    """Names a kernel's source refers to (its `@triton.jit` helpers among them)."""
+    import ast
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(fn.src))
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+
+
 def shipped_kernels() -> list[AOTKernel]:
     """Collects `aot_configs()` from every module. A module that fails to import is an
-    error, not a skip, and so is a `@triton.jit` kernel that no configuration compiles:
-    a kernel the gate never sees must not ship."""
+    error, not a skip, and so is a `@triton.jit` function that no configuration compiles,
+    neither as a listed kernel nor as a helper a listed kernel calls (transitively): a
+    kernel the gate never sees must not ship."""
     kernels: list[AOTKernel] = []
     for name in kernel_modules():
         module = importlib.import_module(f"fastrft_kernels.{name}")
         jitted = _jit_functions(module)
         configs = list(module.aot_configs()) if hasattr(module, "aot_configs") else []
-        covered = {id(k.fn) for k in configs}
-        missing = sorted(attr for attr, fn in jitted.items() if id(fn) not in covered)
+        # Several names may hold one kernel (an autotuned wrapper beside its jit function).
+        names_of: dict[int, set[str]] = {}
+        for attr, fn in jitted.items():
+            names_of.setdefault(id(fn), set()).add(attr)
+        frontier = [id(k.fn) for k in configs if id(k.fn) in names_of]
+        covered = set(frontier)
+        while frontier:  # helpers inlined into a compiled kernel are compiled with it
+            refs = _called_jit_names(jitted[next(iter(names_of[frontier.pop()]))]) & jitted.keys()
+            for fid in {id(jitted[r]) for r in refs} - covered:
+                covered.add(fid)
+                frontier.append(fid)
+        missing = sorted(a for a, fn in jitted.items() if id(fn) not in covered)
         if missing:
             raise ValueError(
-                f"fastrft_kernels.{name} ships Triton kernels that aot_configs() does not list: {missing}"
+                f"fastrft_kernels.{name} ships Triton kernels that aot_configs() does not compile: {missing}"
             )
         kernels.extend(configs)
     names = [k.name for k in kernels]
@@ -138,19 +158,28 @@ def compile_one(kernel: AOTKernel, cc: int) -> dict:
         cubin.write_bytes(compiled.asm["cubin"])
         ptx.write_text(compiled.asm["ptx"])
         res = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
-        # ptxas -v names spills apart from other stack use (cuobjdump folds them into STACK).
-        # The same ptxas Triton itself picks for this arch.
-        from triton.backends.nvidia.compiler import get_ptxas
+        # ptxas -v names spills apart from other stack use (cuobjdump folds them into
+        # STACK). Re-run the ptxas Triton picks for this arch with Triton's own flags, and
+        # check below that it rebuilt the same binary (same registers and stack).
+        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
-        arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+        rebuilt = Path(tmp) / "v.cubin"
         verbose = subprocess.run(
-            [get_ptxas(cc).path, f"-arch={arch}", "-v", str(ptx), "-o", str(Path(tmp) / "v.cubin")],
+            [get_ptxas(cc).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+             f"--gpu-name={sm_arch_from_capability(cc)}", str(ptx), "-o", str(rebuilt)],
             capture_output=True, text=True, check=True,
         ).stderr
+        res2 = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", str(rebuilt)], capture_output=True, text=True, check=True).stdout
     m = _RES.search(res)
     if m is None:
         raise RuntimeError(f"could not read resource usage of {kernel.name} from cuobjdump:\n{res}")
     regs, stack, static_shared, local = map(int, m.groups())
+    m2 = _RES.search(res2)
+    if m2 is None or m2.groups() != m.groups():
+        raise RuntimeError(
+            f"ptxas -v did not rebuild Triton's cubin for {kernel.name} on sm_{cc} "
+            f"(Triton's: {m.group(0)}; rebuilt: {m2.group(0) if m2 else res2}): its spill counts would not apply"
+        )
     spills = [tuple(map(int, x)) for x in _SPILL.findall(verbose)]
     if not spills:
         raise RuntimeError(f"could not read spill counts of {kernel.name} from ptxas -v:\n{verbose}")
