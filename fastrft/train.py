@@ -106,6 +106,7 @@ class GRPOConfig:
     token_budget: int = 16384  # tokens per packed micro-batch
     bf16: bool = True  # bf16 autocast on GPU (CPU always runs fp32)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int = 0  # CPU threads for torch ops; 0: torch's default
     # --- evaluation, logging, checkpoints
     eval_steps: int = 100  # 0: evaluate only before and after training
     eval_batch_size: int = 64
@@ -200,6 +201,8 @@ def train(cfg: GRPOConfig) -> dict:
     t_start = time.perf_counter()
     device = _device(cfg)
     run_dir = Path(cfg.output_dir)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
 
     # Everything that can fail on bad input (data, rewards, model) fails before the run
