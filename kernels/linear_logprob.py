@@ -30,8 +30,8 @@ Triton design (the GPU path; the tests run it under TRITON_INTERPRET=1):
   entropy asked, pass A's GEMM is skipped: the forward is only the target dot product.
   Asking for entropy needs pass A anyway: the given lse is then ignored and recomputed.
 
-Three backends behind the one function (DESIGN.md): `triton`, `torch` (chunked over rows,
-memory O(chunk x V); the CPU path) and `reference` (materializes logits; float64-capable).
+Three backends behind the one function (DESIGN.md): `triton`, `torch` (blocks of rows x
+vocab, memory O(rows x vocab block); the CPU path) and `reference` (materializes logits; float64-capable).
 """
 
 from __future__ import annotations
@@ -109,39 +109,34 @@ def _reference(hidden, weight, targets, bias, temperature, ignore_index, want_en
 
 
 # ----------------------------------------------------------------------------------------
-# torch: chunked over rows, custom backward recomputing each chunk's logits
+# torch: blocks of rows x vocab, custom backward recomputing each block's logits
 # ----------------------------------------------------------------------------------------
 
-# Rows per chunk: a [chunk, V] fp32 block is the working set. Measured on a 2-core CPU at
-# V = 151936, H = 896, fp32 (benchmarks/bench_linear_policy_loss.py): see _pick_chunk.
-_TORCH_CHUNK_BYTES = int(os.environ.get("FASTRFT_LOGPROB_CHUNK_BYTES", 64 * 2**20))
+# Block shape of the torch path: [_TORCH_ROWS, _TORCH_VOCAB] fp32 logits = 2 MiB, so the
+# working set beyond the weight gradient stays a few MiB whatever N and V (Liger's chunked
+# GRPO loss holds [256, 4096] blocks), and each block's GEMM, [256, H] x [H, 2048], still
+# runs near the CPU's peak. Rows and the online softmax over vocab blocks in a fixed order
+# depend on V only: a row's bits never depend on the batch.
+_TORCH_ROWS = int(os.environ.get("FASTRFT_LOGPROB_ROWS", 256))
+_TORCH_VOCAB = int(os.environ.get("FASTRFT_LOGPROB_VOCAB", 2048))
 # MKL's sgemm takes another path below 16 rows, whose rounding differs (measured: 4e-5 at
-# H = 896); padding a short chunk to 16 rows keeps every row's logits bit-identical whatever
-# the batch (batch invariance).
+# H = 896); padding a short row block to 16 rows keeps every row's logits bit-identical
+# whatever the batch (batch invariance).
 _MIN_GEMM_ROWS = 16
 
 
-def _pick_chunk(vocab: int) -> int:
-    # 64 MiB of fp32 logits = 110 rows at V = 151936: the chunk's logits and probabilities
-    # stay near the last-level cache while the GEMM still has enough rows to run at speed.
-    rows = _TORCH_CHUNK_BYTES // (4 * max(vocab, 1))
-    return max(_MIN_GEMM_ROWS, min(1024, rows))
-
-
-def _chunk_logits(xc, weight, bias, inv_t, acc):
-    """z = (xc @ weight.T + bias) / T for one chunk, in `acc` dtype; pads to 16 rows (see above)."""
+def _block_logits(xc, weight, bias, v0, v1, inv_t, acc):
+    """z = (xc @ weight[v0:v1].T + bias[v0:v1]) / T: [C, v1 - v0] in `acc` dtype; pads to 16 rows."""
     c = xc.shape[0]
     if c < _MIN_GEMM_ROWS:
         xc = torch.cat([xc, xc.new_zeros(_MIN_GEMM_ROWS - c, xc.shape[1])])
+    w = weight[v0:v1]  # [Vb, H]
     if bias is not None:
-        z = torch.addmm(bias, xc, weight.t())  # [C, V]
+        z = torch.addmm(bias[v0:v1], xc, w.t())  # [C, Vb]
     else:
-        z = xc @ weight.t()  # [C, V]
+        z = xc @ w.t()  # [C, Vb]
     z = z[:c]
-    if z.dtype != acc:
-        z = z.to(acc)
-    else:
-        z = z.contiguous()
+    z = z.to(acc) if z.dtype != acc else z.contiguous()
     if inv_t != 1.0:
         z.mul_(inv_t)
     return z
@@ -161,60 +156,83 @@ def _target_logit(x, weight, bias, tgt, inv_t, acc):
 
 
 def _torch_stats(x, weight, bias, inv_t, want_entropy):
-    """lse [M] and E[z] [M] (or None) chunk by chunk; never more than [chunk, V] alive."""
+    """lse [M] and E[z] [M] (or None): an online softmax over vocab blocks, row block by row block."""
     acc = _acc_dtype(x.dtype)
     m, vocab = x.shape[0], weight.shape[0]
     lse = torch.empty(m, dtype=acc, device=x.device)
     ez = torch.empty(m, dtype=acc, device=x.device) if want_entropy else None
-    chunk = _pick_chunk(vocab)
-    for i in range(0, m, chunk):
-        z = _chunk_logits(x[i : i + chunk], weight, bias, inv_t, acc)  # [C, V]
-        mx = z.amax(dim=1, keepdim=True)  # [C, 1]
+    for i in range(0, m, _TORCH_ROWS):
+        xc = x[i : i + _TORCH_ROWS]  # [C, H]
+        c = xc.shape[0]
+        mx = torch.full((c,), float("-inf"), dtype=acc, device=x.device)  # running max
+        s = torch.zeros(c, dtype=acc, device=x.device)  # sum e^(z - mx)
+        a = torch.zeros(c, dtype=acc, device=x.device)  # sum e^(z - mx) (z - mx), bounded terms
+        for v0 in range(0, vocab, _TORCH_VOCAB):
+            z = _block_logits(xc, weight, bias, v0, min(v0 + _TORCH_VOCAB, vocab), inv_t, acc)  # [C, Vb]
+            m_new = torch.maximum(mx, z.amax(1))
+            alpha = torch.exp(mx - m_new)  # 0 on the first block
+            z.sub_(m_new[:, None])  # z - m_new
+            if want_entropy:
+                e = torch.exp(z)  # [C, Vb]
+                shift = torch.where(s > 0, (mx - m_new) * s, 0.0)  # s == 0 exactly while mx == -inf
+                a = alpha * (a + shift) + (e * z).sum(1)
+            else:
+                e = z.exp_()  # in place: no second block
+            s = alpha * s + e.sum(1)
+            mx = m_new
+        lse[i : i + c] = mx + torch.log(s)
         if want_entropy:
-            p = torch.sub(z, mx).exp_()  # [C, V], unnormalized
-            s = p.sum(1)  # [C]
-            lse[i : i + chunk] = mx.squeeze(1) + s.log()
-            ez[i : i + chunk] = (p.mul_(z)).sum(1) / s
-        else:
-            lse[i : i + chunk] = torch.logsumexp(z, dim=1)
+            ez[i : i + c] = mx + a / s
     return lse, ez
 
 
 def _torch_backward(x, weight, bias, tgt, lse, ez, g_lp, g_ent, inv_t, need_x, need_w, need_b):
-    """dX [M, H], dW [V, H], db [V] (acc dtype) by recomputing each chunk's logits."""
+    """dX [M, H] (x's dtype), dW [V, H] and db [V] (acc dtype), recomputing each block's logits."""
     acc = _acc_dtype(x.dtype)
     m, vocab = x.shape[0], weight.shape[0]
     dx = torch.empty(m, x.shape[1], dtype=x.dtype, device=x.device) if need_x else None
     dw = torch.zeros(vocab, x.shape[1], dtype=acc, device=x.device) if need_w else None
     db = torch.zeros(vocab, dtype=acc, device=x.device) if need_b else None
-    chunk = _pick_chunk(vocab)
-    for i in range(0, m, chunk):
-        xc = x[i : i + chunk]  # [C, H]
+    w_acc = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+    for i in range(0, m, _TORCH_ROWS):
+        xc = x[i : i + _TORCH_ROWS]  # [C, H]
         c = xc.shape[0]
-        z = _chunk_logits(xc, weight, bias, inv_t, acc)  # [C, V]
-        zc = z if g_ent is None else z.clone()
-        p = z.sub_(lse[i : i + chunk, None]).exp_()  # [C, V] softmax, in place of z
-        gl = g_lp[i : i + chunk]  # [C]
-        if g_ent is None:
-            dl = p.mul_(-gl[:, None])  # [C, V]
-        else:
-            # dH/dz = -p (z - E[z]); the logp term adds g (onehot - p)
-            ge = g_ent[i : i + chunk]
-            dl = zc.sub_(ez[i : i + chunk, None]).mul_(ge[:, None]).add_(gl[:, None]).mul_(p).neg_()
-        rows = torch.arange(c, device=x.device)
-        dl[rows, tgt[i : i + chunk]] += gl
-        if inv_t != 1.0:
-            dl.mul_(inv_t)
-        dlc = dl if dl.dtype == x.dtype else dl.to(x.dtype)  # plain PyTorch's grad dtype
-        if need_x:
-            dx[i : i + chunk] = dlc @ weight  # [C, H]
-        if need_w:
-            if dlc.dtype == acc:
-                dw.addmm_(dlc.t(), xc)  # [V, H] += [V, C] @ [C, H]
+        gl = g_lp[i : i + c, None]  # [C, 1]
+        ge = g_ent[i : i + c, None] if g_ent is not None else None
+        lse_c = lse[i : i + c, None]
+        ez_c = ez[i : i + c, None] if g_ent is not None else None
+        tc = tgt[i : i + c]
+        dxc = torch.zeros(c, x.shape[1], dtype=acc, device=x.device) if need_x else None  # [C, H]
+        for v0 in range(0, vocab, _TORCH_VOCAB):
+            v1 = min(v0 + _TORCH_VOCAB, vocab)
+            z = _block_logits(xc, weight, bias, v0, v1, inv_t, acc)  # [C, Vb]
+            if ge is None:
+                dl = z.sub_(lse_c).exp_().mul_(-gl)  # -g p, in place of z
             else:
-                dw.add_(dlc.t() @ xc)
-        if need_b:
-            db.add_(dl.sum(0))
+                p = torch.sub(z, lse_c).exp_()
+                # dH/dz = -p (z - E[z]); the logp term adds g (onehot - p)
+                dl = z.sub_(ez_c).mul_(ge).add_(gl).mul_(p).neg_()
+            hit = (tc >= v0) & (tc < v1)  # rows whose target lies in this block
+            if bool(hit.any()):
+                rows = hit.nonzero().squeeze(1)
+                dl[rows, tc[rows] - v0] += gl[rows, 0]
+            if inv_t != 1.0:
+                dl.mul_(inv_t)
+            dlc = dl if dl.dtype == x.dtype else dl.to(x.dtype)  # plain PyTorch's grad dtype
+            if need_x:
+                if dlc.dtype == acc:
+                    dxc.addmm_(dlc, w_acc[v0:v1])  # [C, H] += [C, Vb] @ [Vb, H]
+                else:
+                    dxc.add_(dlc @ w_acc[v0:v1])
+            if need_w:
+                if dlc.dtype == acc:
+                    dw[v0:v1].addmm_(dlc.t(), xc)  # [Vb, H] += [Vb, C] @ [C, H]
+                else:
+                    dw[v0:v1].add_(dlc.t() @ xc)
+            if need_b:
+                db[v0:v1].add_(dl.sum(0))
+        if need_x:
+            dx[i : i + c] = dxc
     return dx, dw, db
 
 
@@ -246,14 +264,14 @@ _CONFIGS = {
     # rows stream by in BLOCK_N; at 4 warps its 64 x 128 x 64 tile spilled 280 B, at 8 none.
     "half": {
         "fwd": [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)],
-        "dx": [(64, 256, 64, 8, 3), (64, 128, 32, 4, 3)],
+        "dx": [(64, 128, 32, 4, 3), (64, 128, 64, 8, 3)],  # 64 x 256 x 64 spilled 8 B (sm_90)
         "dw": [(64, 128, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 4, 3)],
     },
     # fp32 with IEEE products (torch's default for fp32 matmuls) runs on FMA units and holds its
     # operands in registers: BLOCK_H 32 and 2 stages (64 x 128 x 64 spilled 200-7000 B).
     "fp32": {
         "fwd": [(64, 128, 32, 8, 2), (64, 64, 32, 4, 2)],
-        "dx": [(64, 128, 32, 8, 2), (32, 64, 32, 4, 2)],
+        "dx": [(32, 64, 32, 4, 2)],  # 64 x 128 x 32 at 8 warps spilled 24 B without entropy
         "dw": [(32, 64, 32, 4, 2)],
     },
 }
