@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_segment_attention --quick   # one group shape
     python -m benchmarks.bench_segment_attention           # three group shapes
+    python -m benchmarks.bench_segment_attention --fwd-only   # forward only (FlexAttention on CPU)
 
 One GRPO group: a prompt of P tokens (images included) and G = 8 completions of lengths in
 [cmin, cmax] (fixed seed). Attention only, forward + backward, one layer's shapes
@@ -96,16 +97,17 @@ def flex_block_mask(P, comps, T, device):
     return create_block_mask(shared_prefix, None, None, T, T, device=device)
 
 
-def make_step(provider, q, k, v, P, comps, device):
-    """A closure running one fwd+bwd on fresh leaves; None when the provider cannot run here."""
+def make_step(provider, q, k, v, P, comps, device, fwd_only=False):
+    """A closure running one fwd+bwd (or fwd only) on fresh leaves; None when the provider
+    cannot run here."""
     T, hq, d = q.shape
-    hk = k.shape[1]
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    leaves = [x.detach().clone().requires_grad_(not fwd_only) for x in (q, k, v)]
     do = torch.randn_like(q)
 
     def backward(out, idx=None):
-        g = do if idx is None else do[idx]
-        out.backward(g)
+        if fwd_only:
+            return
+        out.backward(do if idx is None else do[idx])
 
     if provider == "fastrft_shared":
         seg = shared_prefix_segments([P], [comps])
@@ -155,7 +157,7 @@ def make_step(provider, q, k, v, P, comps, device):
             qq, kk, vv = (x[pad_idx].permute(0, 2, 1, 3) for x in leaves)  # [G, H, Lmax, D]
             out = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
             out = out.permute(0, 2, 1, 3)[valid]  # [tokens, Hq, D]
-            out.backward(do[pad_idx[valid]])
+            backward(out, pad_idx[valid])
         return step
     if provider == "sdpa_dense_shared":
         mask = shared_prefix_segments([P], [comps]).dense_mask(T, device=device)  # [T, T] bool
@@ -165,7 +167,7 @@ def make_step(provider, q, k, v, P, comps, device):
                 x.grad = None
             qq, kk, vv = (x.transpose(0, 1)[None] for x in leaves)  # [1, H, T, D]
             out = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=True)
-            out[0].transpose(0, 1).backward(do)
+            backward(out[0].transpose(0, 1))
         return step
     if provider.startswith("flex_shared"):
         try:
@@ -180,7 +182,7 @@ def make_step(provider, q, k, v, P, comps, device):
                 x.grad = None
             qq, kk, vv = (x.transpose(0, 1)[None] for x in leaves)
             out = fn(qq, kk, vv, block_mask=block_mask, enable_gqa=True)
-            out[0].transpose(0, 1).backward(do)
+            backward(out[0].transpose(0, 1))
         return step
     raise ValueError(f"unknown provider {provider!r}")
 
@@ -196,7 +198,7 @@ def child(args):
     comps = completion_lens(args.cmin, args.cmax)
     hq, hk = (int(x) for x in args.heads.split(","))
     q, k, v = make_inputs(args.prompt, comps, hq, hk, args.head_dim, dtype, device)
-    step = make_step(args.child, q, k, v, args.prompt, comps, device)
+    step = make_step(args.child, q, k, v, args.prompt, comps, device, args.fwd_only)
     step()  # warm-up (compiles) outside the measured call
     C.report_peak(C.peak_memory_of_call(step, device))
 
@@ -212,6 +214,8 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--fwd-only", action="store_true",
+                   help="time forward passes only (FlexAttention has no CPU backward); results in segment_attention_fwd-*.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--prompt", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--cmin", type=int, default=None, help=argparse.SUPPRESS)
@@ -236,7 +240,7 @@ def main(argv=None):
         steps, notes = {}, {}
         for prov in args.providers.split(","):
             try:
-                step = make_step(prov, q, k, v, P, comps, device)
+                step = make_step(prov, q, k, v, P, comps, device, args.fwd_only)
                 if step is None:
                     notes[prov] = "not available here"
                     continue
@@ -257,7 +261,7 @@ def main(argv=None):
             t = timings[prov]
             row.update(median_ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3, max_ms=t["max_s"] * 1e3)
             if cuda:
-                row["tflops"] = useful_flop / t["median_s"] / 1e12
+                row["tflops"] = useful_flop / (3.5 if args.fwd_only else 1.0) / t["median_s"] / 1e12
             if not args.no_memory:
                 if cuda:
                     row["peak_mib"] = C.peak_memory_of_call(steps[prov], device) / 2**20
@@ -266,7 +270,7 @@ def main(argv=None):
                         "benchmarks.bench_segment_attention",
                         ["--child", prov, "--prompt", str(P), "--cmin", str(cmin), "--cmax", str(cmax),
                          "--device", args.device, "--dtype", args.dtype, "--heads", args.heads,
-                         "--head-dim", str(d)],
+                         "--head-dim", str(d)] + (["--fwd-only"] if args.fwd_only else []),
                     ) / 2**20
             shape_rows.append(row)
         base = next((r for r in shape_rows if r["provider"] == "fastrft_shared" and "median_ms" in r), None)
@@ -281,8 +285,8 @@ def main(argv=None):
             "mem_vs_shared"] + (["tflops"] if cuda else []) + ["note"]
     print(C.markdown_table(rows, cols))
     path = C.write_results(
-        "segment_attention", rows, command=C.command_line(), device=device,
-        notes=f"attention fwd+bwd of one layer, G={G}, heads {args.heads}, D={d}, {args.dtype}; "
+        "segment_attention_fwd" if args.fwd_only else "segment_attention", rows, command=C.command_line(),
+        device=device, notes=f"attention {'fwd' if args.fwd_only else 'fwd+bwd'} of one layer, G={G}, heads {args.heads}, D={d}, {args.dtype}; "
         "times are medians of interleaved repeats; CPU memory from a fresh subprocess per provider",
     )
     print(f"\nwrote {path}")

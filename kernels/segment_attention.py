@@ -15,8 +15,10 @@ Three backends (DESIGN.md):
   separate pass. No atomics anywhere, so gradients are bitwise deterministic.
   Head dims that are not a power of 2 (72, 80, 96: Qwen2.5-VL's vision tower uses 80)
   are padded to the next power of 2 with load/store masks.
-- torch: chunks of queries, each against the key span its entries cover, with the chunk's
-  [c, span] bool mask; never a [T, T] mask (T = 4096, Hq = 16: dense fp32 scores are 1 GiB).
+- torch: chunks of queries cut where their entries change (so a completion's chunk holds
+  only its own rows), each against the union of its entries' key ranges (the prompt and
+  the completion itself, gathered: siblings in between are skipped), with the chunk's
+  [c, keys] bool mask; never a [T, T] mask (T = 4096, Hq = 16: dense fp32 scores are 1 GiB).
   Without lse, each chunk is one PyTorch SDPA call (its fused CPU/GPU kernels; 256-query
   chunks). With return_lse=True (SDPA does not return it), 128-query chunks of explicit
   fp32 matmuls with a custom backward that recomputes the probabilities from the saved
@@ -368,11 +370,12 @@ class _TritonSegmentAttention(torch.autograd.Function):
 
 
 # =============================================================================== torch path
-def _chunk_mask(segments: Segments, sel: list[int], q0: int, q1: int, k0: int, k1: int, device) -> torch.Tensor:
-    """[q1-q0, k1-k0] bool: OR over the selected entries (the same rule as `_tile_mask`)."""
-    rows = torch.arange(q0, q1, device=device)[:, None]  # [c, 1]
-    cols = torch.arange(k0, k1, device=device)[None, :]  # [1, L]
-    mask = torch.zeros(q1 - q0, k1 - k0, dtype=torch.bool, device=device)
+def _chunk_mask(segments: Segments, sel: list[int], q0: int, q1: int, cols: torch.Tensor) -> torch.Tensor:
+    """[q1-q0, L] bool: OR over the selected entries (the same rule as `_tile_mask`);
+    cols [L] are the absolute positions of the chunk's keys."""
+    rows = torch.arange(q0, q1, device=cols.device)[:, None]  # [c, 1]
+    cols = cols[None, :]  # [1, L]
+    mask = torch.zeros(q1 - q0, cols.shape[1], dtype=torch.bool, device=cols.device)
     host = segments._host
     for e in sel:
         qs, qe, ks, ke, kind = (int(x) for x in host[e])
@@ -383,18 +386,29 @@ def _chunk_mask(segments: Segments, sel: list[int], q0: int, q1: int, k0: int, k
     return mask
 
 
+def _take(x: torch.Tensor, keys) -> torch.Tensor:
+    """The chunk's key rows of x [T, ...]: a view for a contiguous range, a gather otherwise."""
+    return x[keys[0]:keys[1]] if isinstance(keys, tuple) else x.index_select(0, keys)
+
+
+def _add_at(buf: torch.Tensor, keys, val: torch.Tensor) -> None:
+    if isinstance(keys, tuple):
+        buf[keys[0]:keys[1]] += val
+    else:
+        buf.index_add_(0, keys, val)
+
+
 def _acc_dtype(q):
     # fp32 accumulation; float64 inputs (tests, references) stay float64
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _torch_chunk_scores(q, k, c, scale, mask):
-    """Scores of one chunk, fp32, masked: [Hk, G, c, L]."""
-    q0, q1, k0, k1 = c
+def _torch_chunk_scores(q, k, q0, q1, keys, scale, mask):
+    """Scores of one chunk, accumulation dtype, masked: [Hk, G, c, L]."""
     Hk = k.shape[1]
     acc = _acc_dtype(q)
     qc = q[q0:q1].to(acc).unflatten(1, (Hk, -1))  # [c, Hk, G, D]
-    kc = k[k0:k1].to(acc)  # [L, Hk, D]
+    kc = _take(k, keys).to(acc)  # [L, Hk, D]
     s = torch.einsum("chgd,lhd->hgcl", qc, kc) * scale  # [Hk, G, c, L]
     return s.masked_fill(~mask, float("-inf")), qc, kc
 
@@ -407,16 +421,16 @@ class _TorchSegmentAttention(torch.autograd.Function):
         out = torch.zeros(Tq, Hq, D, dtype=q.dtype, device=q.device)  # rows of no entry stay 0
         acc = _acc_dtype(q)
         lse = torch.full((Hq, Tq), float("-inf"), dtype=acc, device=q.device)
-        for q0, q1, k0, k1, sel in segments.query_chunks(Tq, Tk, TORCH_CHUNK):
-            if not sel or k1 <= k0:
+        for q0, q1, keys, cols, sel in segments.query_chunks(Tq, Tk, TORCH_CHUNK, q.device):
+            if not sel:
                 continue
-            mask = _chunk_mask(segments, sel, q0, q1, k0, k1, q.device)  # [c, L]
-            s, _, _ = _torch_chunk_scores(q, k, (q0, q1, k0, k1), scale, mask)
+            mask = _chunk_mask(segments, sel, q0, q1, cols)  # [c, L]
+            s, _, _ = _torch_chunk_scores(q, k, q0, q1, keys, scale, mask)
             m = s.amax(-1, keepdim=True)  # [Hk, G, c, 1]
             m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
             p = torch.exp(s - m)
             l = p.sum(-1, keepdim=True)  # [Hk, G, c, 1]
-            vc = v[k0:k1].to(acc)  # [L, Hk, D]
+            vc = _take(v, keys).to(acc)  # [L, Hk, D]
             o = torch.einsum("hgcl,lhd->chgd", p / l.clamp_min(1e-30), vc)  # [c, Hk, G, D]
             out[q0:q1] = o.flatten(1, 2).to(q.dtype)
             lse[:, q0:q1] = (m + torch.log(l)).squeeze(-1).flatten(0, 1)  # log(0) = -inf: no key seen
@@ -440,44 +454,44 @@ class _TorchSegmentAttention(torch.autograd.Function):
         dq = torch.zeros(Tq, Hq, D, dtype=acc, device=q.device)
         dk = torch.zeros(Tk, Hk, D, dtype=acc, device=q.device)
         dv = torch.zeros(Tk, Hk, D, dtype=acc, device=q.device)
-        for q0, q1, k0, k1, sel in segments.query_chunks(Tq, Tk, TORCH_CHUNK):
-            if not sel or k1 <= k0:
+        for q0, q1, keys, cols, sel in segments.query_chunks(Tq, Tk, TORCH_CHUNK, q.device):
+            if not sel:
                 continue
-            mask = _chunk_mask(segments, sel, q0, q1, k0, k1, q.device)
-            s, qc, kc = _torch_chunk_scores(q, k, (q0, q1, k0, k1), scale, mask)
+            mask = _chunk_mask(segments, sel, q0, q1, cols)
+            s, qc, kc = _torch_chunk_scores(q, k, q0, q1, keys, scale, mask)
             lse_c = lse[:, q0:q1].reshape(Hk, G, -1, 1)  # [Hk, G, c, 1]
             lse_c = torch.where(torch.isinf(lse_c), torch.zeros_like(lse_c), lse_c)
             p = torch.exp(s - lse_c)  # masked entries: exp(-inf) = 0
-            vc = v[k0:k1].to(acc)
+            vc = _take(v, keys).to(acc)
             doc = dout[q0:q1].to(acc).unflatten(1, (Hk, G))  # [c, Hk, G, D]
-            dv[k0:k1] += torch.einsum("hgcl,chgd->lhd", p, doc)
+            _add_at(dv, keys, torch.einsum("hgcl,chgd->lhd", p, doc))
             dp = torch.einsum("chgd,lhd->hgcl", doc, vc)
             ds = p * (dp - delta[:, q0:q1].reshape(Hk, G, -1, 1))  # [Hk, G, c, L]
             dq[q0:q1] = (torch.einsum("hgcl,lhd->chgd", ds, kc) * scale).flatten(1, 2)
-            dk[k0:k1] += torch.einsum("hgcl,chgd->lhd", ds, qc) * scale
+            _add_at(dk, keys, torch.einsum("hgcl,chgd->lhd", ds, qc) * scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def _torch_sdpa(q, k, v, segments: Segments, scale):
-    """out [Tq, Hq, D]: per 256-query chunk, SDPA over the chunk's key span with its bool mask.
+    """out [Tq, Hq, D]: per chunk of up to 256 queries, SDPA over the chunk's keys with its bool mask.
 
     PyTorch's own SDPA kernels (flash on CPU) do the softmax blockwise and save only what
-    their backward needs, so memory stays O(chunk x span) bytes of mask. A query that sees no
+    their backward needs, so memory stays O(chunk x keys) bytes of mask. A query that sees no
     key gets an all-True mask row (no NaN from an empty softmax) and a 0 output.
     """
     Tq, Hq, D = q.shape
     Tk = k.shape[0]
     outs = []
-    for q0, q1, k0, k1, sel in segments.query_chunks(Tq, Tk, SDPA_CHUNK):
-        if not sel or k1 <= k0:
+    for q0, q1, keys, cols, sel in segments.query_chunks(Tq, Tk, SDPA_CHUNK, q.device):
+        if not sel:
             outs.append(q.new_zeros(q1 - q0, Hq, D))
             continue
-        mask = _chunk_mask(segments, sel, q0, q1, k0, k1, q.device)  # [c, L]
+        mask = _chunk_mask(segments, sel, q0, q1, cols)  # [c, L]
         seen = mask.any(1)  # [c]
         o = torch.nn.functional.scaled_dot_product_attention(
             q[q0:q1].transpose(0, 1)[None],  # [1, Hq, c, D]
-            k[k0:k1].transpose(0, 1)[None],  # [1, Hk, L, D]
-            v[k0:k1].transpose(0, 1)[None],
+            _take(k, keys).transpose(0, 1)[None],  # [1, Hk, L, D]
+            _take(v, keys).transpose(0, 1)[None],
             attn_mask=mask | ~seen[:, None],
             scale=scale,
             enable_gqa=True,

@@ -179,30 +179,51 @@ class Segments:
             mask |= m
         return mask
 
-    def query_chunks(self, num_q: int, num_k: int, chunk: int) -> list[tuple[int, int, int, int, list[int]]]:
-        """Host-side chunking for the torch path, cached: for each run of `chunk` queries,
-        (q0, q1, k0, k1, entry indices) where [k0, k1) spans every key those queries may see."""
-        num_tokens = num_q
-        key = ("chunks", num_q, num_k, chunk)
-        if key not in self._cache:
-            self.check(num_q, num_k)
-            host = self._host
-            out = []
-            for q0 in range(0, num_tokens, chunk):
-                q1 = min(q0 + chunk, num_tokens)
-                sel = [
-                    e
-                    for e, (qs, qe, ks, ke, _) in enumerate(host.tolist())
-                    if qs < q1 and qe > q0 and ks < ke and qs < qe
-                ]
-                if sel:
-                    k0 = int(min(host[e, 2] for e in sel))
-                    k1 = int(max(host[e, 3] for e in sel))
+    def query_chunks(self, num_q: int, num_k: int, chunk: int, device=None) -> list[tuple]:
+        """Host-side chunking for the torch path, cached per (sizes, chunk, device).
+
+        Queries are cut where the set of entries holding them changes (every q_start and
+        q_end), and consecutive runs are merged up to `chunk` queries. Each chunk is
+        (q0, q1, keys, cols, sel): `keys` the union of its entries' key ranges, as a slice
+        when contiguous or an int64 index tensor on `device` (a completion's chunk gathers
+        the prompt and itself, skipping its siblings in between), `cols` the absolute key
+        positions [L] on `device`, `sel` the entry indices the chunk ORs over.
+        """
+        device = torch.device(device) if device is not None else self.table.device
+        key = ("chunks", num_q, num_k, chunk, str(device))
+        if key in self._cache:
+            return self._cache[key]
+        self.check(num_q, num_k)
+        rows = [r for r in self._host.tolist() if r[0] < r[1] and r[2] < r[3]]
+        cuts = sorted({0, num_q, *(r[0] for r in rows), *(r[1] for r in rows)})
+        pieces = []  # runs of queries with one entry set, split to at most `chunk`
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            for s0 in range(a, b, chunk):
+                pieces.append((s0, min(s0 + chunk, b)))
+        merged = []
+        for a, b in pieces:
+            if merged and b - merged[-1][0] <= chunk:
+                merged[-1] = (merged[-1][0], b)
+            else:
+                merged.append((a, b))
+        out = []
+        for q0, q1 in merged:
+            sel = [e for e, r in enumerate(self._host.tolist()) if r[0] < r[1] and r[2] < r[3] and r[0] < q1 and r[1] > q0]
+            if not sel:
+                out.append((q0, q1, None, None, sel))
+                continue
+            spans = sorted((int(self._host[e, 2]), int(self._host[e, 3])) for e in sel)
+            union = [list(spans[0])]
+            for ks, ke in spans[1:]:
+                if ks <= union[-1][1]:
+                    union[-1][1] = max(union[-1][1], ke)
                 else:
-                    k0 = k1 = 0
-                out.append((q0, q1, k0, k1, sel))
-            self._cache[key] = out
-        return self._cache[key]
+                    union.append([ks, ke])
+            cols = torch.cat([torch.arange(ks, ke) for ks, ke in union]).to(device)  # [L]
+            keys = (union[0][0], union[0][1]) if len(union) == 1 else cols
+            out.append((q0, q1, keys, cols, sel))
+        self._cache[key] = out
+        return out
 
     def plan(self, num_q: int, num_k: int, block_q: int, block_k: int, device=None) -> SegmentPlan:
         """The Triton block lists for num_q queries and num_k keys, cached per (sizes, blocks, device)."""

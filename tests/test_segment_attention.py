@@ -235,3 +235,16 @@ def test_aot_configs_cover_every_dtype_and_head_dim_padding():
     for c in configs:  # every constexpr has a value, every runtime parameter a type
         assert set(c.signature) == set(c.fn.arg_names), c.name
         assert {p for p, t in c.signature.items() if t == "constexpr"} == set(c.constexprs), c.name
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_table_with_no_entries_gives_zeros_and_no_gradient(backend):
+    seg = Segments.from_entries([])
+    q, k, v, do, _ = _inputs(2, 1, 64, torch.float32)
+    q, k, v = (x[:40].clone().requires_grad_() for x in (q, k, v))
+    with use_backend(backend):
+        out, lse = segment_attention(q, k, v, seg, return_lse=True)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    out.backward(do[:40])
+    for x in (q, k, v):
+        assert torch.all(x.grad == 0)
