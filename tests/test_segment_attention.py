@@ -2,8 +2,9 @@
 
 Tolerances: fp32 relative error <= 1e-5 against float64 (forward and every gradient);
 fp16/bf16 at most twice the error of plain PyTorch attention run at that dtype (dense
-mask, matmuls in the dtype, softmax in fp32 then cast, as transformers' eager path), plus
-a floor of 1e-3 relative for the rows a 2x bound is too tight on at these small sizes.
+mask, matmuls in the dtype, softmax in fp32 then cast, as transformers' eager path).
+Measured here (triton / plain): bf16 out 4.4e-3 / 3.8e-3, dq 6.4e-3 / 3.6e-3; fp16 out
+2.3e-4 / 4.5e-4: the bound holds with margin 1.1-1.8x and no floor.
 """
 
 import math
@@ -123,7 +124,7 @@ def _check(backend, table, Hq, Hk, D, dtype, use_lse=True):
             if r is None:
                 continue
             err, err_plain = _rel(a, r), _rel(b, r)
-            assert err <= max(2 * err_plain, 1e-3), f"{name}: rel err {err:.2e} vs plain {dtype} {err_plain:.2e}"
+            assert err <= 2 * err_plain, f"{name}: rel err {err:.2e} vs plain {dtype} {err_plain:.2e}"
 
 
 # Triton under the interpreter costs ~1-4 s per case: each case below covers a different
