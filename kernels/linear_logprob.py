@@ -112,13 +112,16 @@ def _reference(hidden, weight, targets, bias, temperature, ignore_index, want_en
 # torch: blocks of rows x vocab, custom backward recomputing each block's logits
 # ----------------------------------------------------------------------------------------
 
-# Block shape of the torch path: [_TORCH_ROWS, _TORCH_VOCAB] fp32 logits = 2 MiB, so the
-# working set beyond the weight gradient stays a few MiB whatever N and V (Liger's chunked
-# GRPO loss holds [256, 4096] blocks), and each block's GEMM, [256, H] x [H, 2048], still
-# runs near the CPU's peak. Rows and the online softmax over vocab blocks in a fixed order
-# depend on V only: a row's bits never depend on the batch.
-_TORCH_ROWS = int(os.environ.get("FASTRFT_LOGPROB_ROWS", 256))
-_TORCH_VOCAB = int(os.environ.get("FASTRFT_LOGPROB_VOCAB", 2048))
+# Block shape of the torch path: [_TORCH_ROWS, _TORCH_VOCAB] fp32 logits = 16 MiB, so the
+# working set beyond the weight gradient stays tens of MiB whatever N and V. Measured fwd+bwd
+# of linear_policy_loss at N = 512, H = 896, V = 151936, fp32 on the 2-core dev box (shared,
+# noisy; one round, seconds): rows x vocab 256 x 2048: 20.5, 256 x 4096: 13.0, 512 x 4096: 9.1,
+# 128 x 8192: 13.8; another round: 256 x 8192: 12.7, 512 x 8192: 10.9, 128 x 8192: 18.0. Small
+# blocks lose to per-op overhead and the dW GEMM's short inner dimension (K = rows).
+# Rows and the online softmax over vocab blocks in a fixed order depend on V only: a row's
+# bits never depend on the batch.
+_TORCH_ROWS = int(os.environ.get("FASTRFT_LOGPROB_ROWS", 512))
+_TORCH_VOCAB = int(os.environ.get("FASTRFT_LOGPROB_VOCAB", 8192))
 # MKL's sgemm takes another path below 16 rows, whose rounding differs (measured: 4e-5 at
 # H = 896); padding a short row block to 16 rows keeps every row's logits bit-identical
 # whatever the batch (batch invariance).
