@@ -110,3 +110,38 @@ def test_budget_packing():
     assert all(mb.input_ids.numel() == int(mb.position_ids.shape[1]) for mb in batches)
     with pytest.raises(ValueError, match="token_budget must be > 0"):
         packing.pack_groups(groups, 0)
+
+
+def test_text_only_model_packed_equals_alone():
+    """A text-only causal LM (Qwen2): 1-row positions, the segment table through its layers."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = synthetic.make_tokenizer()
+    torch.manual_seed(3)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in ("what colour is the circle ?", "how many shapes ?")]
+    prompts = encode_prompts(tok, texts, [[], []], 64)
+    g = torch.Generator().manual_seed(5)
+    completions = [[torch.randint(10, len(tok), (n,), generator=g) for n in ns] for ns in ([2, 3], [1, 4])]
+    n = sum(len(c) for gr in completions for c in gr)
+    weights = torch.randn(n, generator=g)
+
+    model.zero_grad(set_to_none=True)
+    ref = []
+    k = 0
+    for i, gr in enumerate(completions):
+        for c in gr:
+            logits = model(input_ids=torch.cat([prompts.ids[i], c])[None]).logits[0]
+            lp = logits[len(prompts.ids[i]) - 1 : -1].log_softmax(-1).gather(-1, c[:, None]).squeeze(-1)
+            (lp * weights[k : k + len(c)]).sum().backward()
+            ref.append(lp.detach())
+            k += len(c)
+    ref_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    logp, grads, batches = _packed(model, prompts, completions, weights, 10_000)
+    assert batches[0].position_ids.shape[0] == 1
+    torch.testing.assert_close(logp, torch.cat(ref), rtol=1e-5, atol=1e-5)
+    for name, gr in ref_grads.items():
+        err = (grads[name] - gr).abs().max() / gr.abs().max().clamp_min(1e-6)
+        assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"

@@ -157,3 +157,14 @@ def test_jsonl_dataset_and_summary(tmp_path):
     for key in ("reward", "rewards/shapes", "accuracy", "completion_length", "clip_ratio/region_mean", "loss",
                 "rollout_tokens_per_s", "train_tokens_per_s", "peak_memory_mb", "grad_norm"):
         assert key in row, key
+
+
+def test_eval_cli_on_a_saved_model(tmp_path, capsys):
+    from fastrft.__main__ import main
+
+    path = synthetic.save_tiny(tmp_path / "tiny", seed=7)  # a local save_pretrained folder
+    assert main(["eval", "--model", str(path), "--eval_size", "12", "--synthetic_tasks", "colour,position"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out[out.index("{"):])
+    assert res["n"] == 12 and 0.0 <= res["accuracy"] <= 1.0
+    assert set(res) == {"accuracy", "n", "accuracy/colour", "accuracy/position"}
