@@ -25,7 +25,15 @@ Triton design (the GPU path; the tests run it under TRITON_INTERPRET=1):
   their logit tiles and form dlogits = (g_logp (onehot - p) - g_ent p (z - E[z])) / T in
   registers. FLOPs: 2NHV (pass A) + 2 x (2NHV recompute + 2NHV product) = 10 NHV,
   1.25x the 8 NHV floor (pass A, one recompute, dX, dW). The dX partials over
-  `dx_splits` vocab splits are summed in a fixed order by torch.
+  `dx_splits` vocab splits are summed in a fixed order by torch. The price of owning the
+  outputs without atomics is read-modify-write traffic on fp32 tiles: the dW kernel reads
+  and writes its [BLOCK_V, H] rows once per row block (8 V H ceil(M / BLOCK_N) bytes: at
+  M = 8192, H = 4096, V = 151936, BLOCK_N = 64: 640 GB against 20 TFLOP of math in that
+  pass, 32 FLOP/byte, well under an H100's ~300: unless L2 catches the re-reads the pass is
+  bandwidth-bound; larger row blocks, or dlogits kept in shared memory across several row
+  blocks, are the next step, unmeasured here for want of a GPU), and the dX kernel its
+  [BLOCK_N, H] rows once per vocab block. Extra memory: dW in fp32 [V, H] (cast to the weight's dtype at the
+  end), dX partials [dx_splits, M, H] fp32, and the gathered rows x [M, H].
 - With `lse=` given (from a no-grad pass with the same weights, `return_lse=True`) and no
   entropy asked, pass A's GEMM is skipped: the forward is only the target dot product.
   Asking for entropy needs pass A anyway: the given lse is then ignored and recomputed.
@@ -784,7 +792,6 @@ class _LinearLogprob(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused entropy output costs no backward work
         ctx.backend, ctx.inv_t, ctx.n, ctx.m = backend, inv_t, n, m
         ctx.want_entropy = want_entropy
-        ctx.has_bias = bias is not None
         ctx.save_for_backward(hidden, weight, bias, rows, tgt, x, lse, ez)
         ctx.mark_non_differentiable(lse_full)
         return logp, ent, lse_full
@@ -803,12 +810,11 @@ class _LinearLogprob(torch.autograd.Function):
                 db = torch.zeros_like(bias)
             return dh, dw, db, None, None, None, None, None, None
         acc = _acc_dtype(hidden.dtype)
-        rows_l = rows
         g_lp = (g_logp if g_logp is not None else torch.zeros(ctx.n, device=hidden.device, dtype=acc))
-        g_lp = g_lp.index_select(0, rows_l).to(acc).contiguous()  # [M]
+        g_lp = g_lp.index_select(0, rows).to(acc).contiguous()  # [M]
         ge = None
         if ctx.want_entropy and g_ent is not None:
-            ge = g_ent.index_select(0, rows_l).to(acc).contiguous()  # [M]
+            ge = g_ent.index_select(0, rows).to(acc).contiguous()  # [M]
         if ge is not None and ez is None:  # cannot happen: entropy always runs pass A
             raise RuntimeError("entropy gradient without E[z]")
         if ctx.backend == "triton":
@@ -819,7 +825,7 @@ class _LinearLogprob(torch.autograd.Function):
             )
         if need_x:
             dh = torch.zeros_like(hidden)
-            dh.index_copy_(0, rows_l, dx.to(hidden.dtype))
+            dh.index_copy_(0, rows, dx.to(hidden.dtype))
         if need_w:
             dw = dwf.to(weight.dtype)
         if need_b:
