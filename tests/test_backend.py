@@ -36,3 +36,17 @@ def test_unknown_backend_names_the_choices(monkeypatch):
     monkeypatch.setenv("FASTRFT_BACKEND", "fast")
     with pytest.raises(ValueError, match="'fast'"):
         resolve_backend(torch.device("cpu"))
+
+
+def test_public_names_are_the_functions_even_after_submodule_imports():
+    import importlib
+    import pkgutil
+
+    import fastrft_kernels
+
+    # Importing a submodule binds it as a package attribute; the op must still win.
+    for m in pkgutil.iter_modules(fastrft_kernels.__path__):
+        importlib.import_module(f"fastrft_kernels.{m.name}")
+    for name in fastrft_kernels.__all__:
+        value = getattr(fastrft_kernels, name)
+        assert callable(value) and not isinstance(value, type(fastrft_kernels)), name
