@@ -269,7 +269,9 @@ def train(cfg: GRPOConfig) -> dict:
     if cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True, file=sys.stdout)
+        # a log file (no terminal) gets a line every 10 s instead of one per step
+        bar = tqdm(total=cfg.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True, file=sys.stdout,
+                   mininterval=0.1 if sys.stdout.isatty() else 10.0)
 
     for step in range(start_step + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
