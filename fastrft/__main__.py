@@ -30,6 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     if command not in ("train", "eval"):
         print(f"fastrft: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    if "-h" in rest or "--help" in rest:
+        import dataclasses
+
+        from .train import GRPOConfig
+
+        print(f"usage: fastrft {command} [--config FILE.yaml] [--key value ...]\n\nkeys (defaults):")
+        for f in dataclasses.fields(GRPOConfig):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            print(f"  --{f.name} {default!r}")
+        return 0
     parser = argparse.ArgumentParser(prog=f"fastrft {command}", add_help=False)
     parser.add_argument("--config", default=None)
     known, overrides = parser.parse_known_args(rest)

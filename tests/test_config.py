@@ -69,6 +69,7 @@ def test_cli_reports_unknown_key(capsys, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing was written
     assert main(["fly"]) == 2
     assert main(["--help"]) == 0
+    assert main(["train", "--help"]) == 0 and "--num_generations 8" in capsys.readouterr().out
 
 
 def test_missing_config_file():
