@@ -31,12 +31,16 @@ CUDA TFLOP/s of the useful work (the shared layout's attended pairs x 4 x D x Hq
 from __future__ import annotations
 
 import argparse
-import math
+import os
 import sys
 
-import torch
+# Inductor compiles in-process: its worker pool otherwise stays alive next to the timed
+# providers (FlexAttention compiled shares the process) and skewed their times by up to 10x here.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-from benchmarks import _common as C
+import torch  # noqa: E402
+
+from benchmarks import _common as C  # noqa: E402
 from fastrft_kernels import segment_attention, shared_prefix_segments, varlen_attention
 
 G = 8
