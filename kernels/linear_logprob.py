@@ -120,16 +120,18 @@ def _reference(hidden, weight, targets, bias, temperature, ignore_index, want_en
 # torch: blocks of rows x vocab, custom backward recomputing each block's logits
 # ----------------------------------------------------------------------------------------
 
-# Block shape of the torch path: [_TORCH_ROWS, _TORCH_VOCAB] fp32 logits = 16 MiB, so the
-# working set beyond the weight gradient stays tens of MiB whatever N and V. Measured fwd+bwd
-# of linear_policy_loss at N = 512, H = 896, V = 151936, fp32 on the 2-core dev box (shared,
-# noisy; one round, seconds): rows x vocab 256 x 2048: 20.5, 256 x 4096: 13.0, 512 x 4096: 9.1,
-# 128 x 8192: 13.8; another round: 256 x 8192: 12.7, 512 x 8192: 10.9, 128 x 8192: 18.0. Small
-# blocks lose to per-op overhead and the dW GEMM's short inner dimension (K = rows).
+# Block shape of the torch path: [_TORCH_ROWS, _TORCH_VOCAB] fp32 logits = 8 MiB. Measured
+# on the 2-core dev box at V = 151936, H = 896, fp32 (shared and noisy):
+# - fwd+bwd of linear_policy_loss at N = 512, one round (seconds), rows x vocab 256 x 2048: 20.5,
+#   256 x 4096: 13.0, 512 x 4096: 9.1, 128 x 8192: 13.8; small blocks lose to per-op overhead
+#   and the dW GEMM's short inner dimension (K = rows);
+# - peak memory of one fwd+bwd at N = 2048 (MiB, the fp32 dW alone is 519): 256 x 4096: 562,
+#   512 x 4096: 568, 256 x 8192: 613, 512 x 8192: 609 (Liger: 566). Beyond 4096 columns the
+#   GEMM packs a [H, vocab block] copy of the weight (29 MiB at 8192) next to the block.
 # Rows and the online softmax over vocab blocks in a fixed order depend on V only: a row's
 # bits never depend on the batch.
 _TORCH_ROWS = int(os.environ.get("FASTRFT_LOGPROB_ROWS", 512))
-_TORCH_VOCAB = int(os.environ.get("FASTRFT_LOGPROB_VOCAB", 8192))
+_TORCH_VOCAB = int(os.environ.get("FASTRFT_LOGPROB_VOCAB", 4096))
 # MKL's sgemm takes another path below 16 rows, whose rounding differs (measured: 4e-5 at
 # H = 896); padding a short row block to 16 rows keeps every row's logits bit-identical
 # whatever the batch (batch invariance).
@@ -771,7 +773,8 @@ class _LinearLogprob(torch.autograd.Function):
         if m > 0:
             # gathered once: [M, H] is small next to the M x V x H GEMMs, and a contiguous x
             # lets the kernels use block pointers (no per-element 64-bit pointer tensors)
-            x = hidden.index_select(0, rows)  # [M, H]
+            # every row a completion row (a benchmark, or a caller that gathered them): no copy
+            x = hidden if m == n and hidden.is_contiguous() else hidden.index_select(0, rows)  # [M, H]
             if backend == "triton" and weight.stride(1) != 1:
                 weight = weight.contiguous()  # the kernels take H contiguous (a transposed view is copied)
             if backend == "triton":
@@ -824,8 +827,11 @@ class _LinearLogprob(torch.autograd.Function):
                 x, weight, bias, tgt, lse, ez, g_lp, ge, ctx.inv_t, need_x, need_w, need_b
             )
         if need_x:
-            dh = torch.zeros_like(hidden)
-            dh.index_copy_(0, rows, dx.to(hidden.dtype))
+            if ctx.m == ctx.n:
+                dh = dx.to(hidden.dtype)  # rows == arange(N): no scatter, no second [N, H]
+            else:
+                dh = torch.zeros_like(hidden)
+                dh.index_copy_(0, rows, dx.to(hidden.dtype))
         if need_w:
             dw = dwf.to(weight.dtype)
         if need_b:

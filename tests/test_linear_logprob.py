@@ -196,3 +196,15 @@ def test_bad_arguments_name_the_argument():
         linear_logprob(hidden, weight.to("meta"), targets)
     with pytest.raises(TypeError, match="triton"), use_backend("triton"):
         linear_logprob(hidden.double(), weight.double(), targets)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_row_a_completion_row(backend):
+    # M == N takes the no-copy, no-scatter path
+    hidden, weight, bias, targets = _inputs(torch.float32, n=18)
+    targets[targets == -100] = 7
+    g_lp, g_ent = torch.randn(18, dtype=torch.float64), torch.randn(18, dtype=torch.float64)
+    got = _run(backend, hidden, weight, bias, targets, 1.0, g_lp, g_ent)
+    ref = _run("reference", hidden.double(), weight.double(), bias.double(), targets, 1.0, g_lp, g_ent)
+    for a, r in zip(got, ref):
+        assert _rel(a, r) <= 1e-5
