@@ -3,12 +3,7 @@
 import pytest
 import torch
 
-from fastrft_kernels import LossConfig, use_backend
-# from the modules: once a submodule is imported, the package attribute of the same name is the
-# module, not the function (fastrft_kernels/__init__.py's lazy exports; reported to the lead)
-from fastrft_kernels.linear_logprob import linear_logprob
-from fastrft_kernels.linear_policy_loss import LinearPolicyLoss, linear_policy_loss
-from fastrft_kernels.policy_loss import policy_loss
+from fastrft_kernels import LinearPolicyLoss, LossConfig, linear_logprob, linear_policy_loss, policy_loss, use_backend
 
 T, H, V = 29, 45, 131
 CU = [0, 10, 10, 22, 29]  # an empty sequence in the middle
