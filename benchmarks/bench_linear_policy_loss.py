@@ -116,6 +116,7 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--vocab", type=int, default=V)
     p.add_argument("--shape", default=None, help="one N,H pair instead of the list, e.g. 256,64")
+    p.add_argument("--name", default="linear_policy_loss", help="results file: benchmarks/results/<name>-<device>.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--h", type=int, default=None, help=argparse.SUPPRESS)
@@ -179,7 +180,7 @@ def main(argv=None):
     for r in rows:
         if "peak_bytes" in r:
             r["peak_MiB"] = r["peak_bytes"] / 2**20
-    path = C.write_results("linear_policy_loss", rows, command=C.command_line(), device=device,
+    path = C.write_results(args.name, rows, command=C.command_line(), device=device,
                            notes="fwd+bwd; dapo, on-policy, beta=0; liger compiled=True")
     cols = ["provider", "N", "H", "median_s", "min_s", "max_s", "time_vs_liger", "peak_MiB", "mem_vs_liger",
             "mem_vs_naive"] + (["tflops"] if device.type == "cuda" else [])
