@@ -90,6 +90,23 @@ def make_step(provider, hidden, weight, targets, adv, cu, seq_len):
     return step
 
 
+# Dense peak rates (FLOP/s) for the floor: tensor-core bf16/fp16, and plain fp32 (IEEE, what
+# the fp32 kernels use), from the vendors' data sheets (SXM parts).
+PEAK_FLOPS = {
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+}
+
+
+def peak_flops(device, dtype_name):
+    name = torch.cuda.get_device_name(device)
+    for key, rates in PEAK_FLOPS.items():
+        if key in name:
+            return rates[dtype_name]
+    return None
+
+
 def naive_bytes(n):
     return 4 * n * V * 4
 
@@ -149,6 +166,9 @@ def main(argv=None):
                 row.update(median_s=t["median_s"], min_s=t["min_s"], max_s=t["max_s"])
                 if device.type == "cuda":
                     row["tflops"] = flops / t["median_s"] / 1e12
+                    peak = peak_flops(device, args.dtype)
+                    if peak:  # the 8 N H V floor at the device's dense peak, over the time taken
+                        row["floor_fraction"] = flops / peak / t["median_s"]
             else:
                 row["skipped"] = f"naive logits need ~{naive_bytes(n) / 2**30:.0f} GiB"
             if not args.no_memory:
@@ -183,7 +203,7 @@ def main(argv=None):
     path = C.write_results(args.name, rows, command=C.command_line(), device=device,
                            notes="fwd+bwd; dapo, on-policy, beta=0; liger compiled=True")
     cols = ["provider", "N", "H", "median_s", "min_s", "max_s", "time_vs_liger", "peak_MiB", "mem_vs_liger",
-            "mem_vs_naive"] + (["tflops"] if device.type == "cuda" else [])
+            "mem_vs_naive"] + (["tflops", "floor_fraction"] if device.type == "cuda" else [])
     print(C.markdown_table(rows, cols))
     print(f"wrote {path}")
 
