@@ -37,13 +37,7 @@ from pathlib import Path
 
 import torch
 
-# Imported from their modules: `fastrft_kernels.linear_logprob` names both a submodule and its
-# function, and once the submodule is imported (linear_policy_loss imports it) the package
-# attribute is the module, not the function.
-from fastrft_kernels.group_advantages import group_advantages
-from fastrft_kernels.linear_logprob import linear_logprob
-from fastrft_kernels.linear_policy_loss import linear_policy_loss
-from fastrft_kernels.loss_config import LossConfig
+from fastrft_kernels import LossConfig, group_advantages, linear_logprob, linear_policy_loss
 
 from . import checkpoint as ckpt
 from . import models, packing
