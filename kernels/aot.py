@@ -11,6 +11,7 @@ STACK, not LOCAL: a kernel at 255 registers with 56 B of stack showed LOCAL:0); 
 allocates shared memory dynamically, so cuobjdump's SHARED column reads 0).
 
     python -m fastrft_kernels.aot            # the table, markdown
+    python -m fastrft_kernels.aot --summary  # one line per kernel and arch, worst case
     python -m fastrft_kernels.aot --json F   # rows as JSON too
 
 It must run without TRITON_INTERPRET (under the interpreter `@triton.jit` yields
@@ -239,13 +240,34 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(rows: list[dict]) -> str:
+    """One line per kernel (the name before its first '[' or dtype tag) and arch: the count
+    of configurations and the worst registers, spills, stack and shared memory among them."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        family = re.split(r"\[|_(?:fp32|bf16|fp16)(?:_|$)", r["kernel"])[0]
+        groups.setdefault((family, r["arch"]), []).append(r)
+    lines = [
+        "| kernel | arch | configs | max registers | max spill stores (B) | max stack (B) | max shared (B) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (family, arch), rs in sorted(groups.items()):
+        worst = {c: max(r[c] for r in rs) for c in ("registers", "spill_store_bytes", "stack_bytes", "shared_bytes")}
+        lines.append(
+            f"| {family} | {arch} | {len(rs)} | {worst['registers']} | {worst['spill_store_bytes']} | "
+            f"{worst['stack_bytes']} | {worst['shared_bytes']} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--summary", action="store_true", help="one line per kernel and arch (worst case)")
     args = parser.parse_args(argv)
     rows = run_gate(args.workers)
-    print(format_table(rows))
+    print(summary_table(rows) if args.summary else format_table(rows))
     problems = [p for r in rows for p in check_row(r)]
     for p in problems:
         print("FAIL:", p, file=sys.stderr)
