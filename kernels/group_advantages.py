@@ -213,6 +213,17 @@ def _empty(shape, fill, *, dtype, device):
 
 
 @triton.jit
+def _load_members(rewards_ptr, perm_ptr, pos, end, CONTIGUOUS: tl.constexpr):
+    """(indices, rewards) of the group members at positions `pos` [BLOCK]; NaN past `end`."""
+    inb = pos < end
+    if CONTIGUOUS:
+        idx = pos.to(tl.int64)
+    else:
+        idx = tl.load(perm_ptr + pos, mask=inb, other=0)
+    return idx, tl.load(rewards_ptr + idx, mask=inb, other=float("nan"))
+
+
+@triton.jit
 def _group_advantages_kernel(
     rewards_ptr,  # [B] fp32
     perm_ptr,  # [B] int64: members in group order (unused when CONTIGUOUS)
@@ -240,13 +251,7 @@ def _group_advantages_kernel(
     hi = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     lo = tl.full([BLOCK], float("inf"), dtype=tl.float32)
     for i in range(start, end, BLOCK):
-        pos = i + offs
-        inb = pos < end
-        if CONTIGUOUS:
-            idx = pos.to(tl.int64)
-        else:
-            idx = tl.load(perm_ptr + pos, mask=inb, other=0)
-        r = tl.load(rewards_ptr + idx, mask=inb, other=float("nan"))
+        idx, r = _load_members(rewards_ptr, perm_ptr, i + offs, end, CONTIGUOUS)
         ok = r == r  # False for NaN (unscorable) and out-of-range lanes
         count += ok.to(tl.float32)
         total += tl.where(ok, r, 0.0)
@@ -264,13 +269,7 @@ def _group_advantages_kernel(
             # pass 2: the group's unbiased std, from deviations (two passes: no cancellation)
             ss = tl.zeros([BLOCK], dtype=tl.float32)
             for i in range(start, end, BLOCK):
-                pos = i + offs
-                inb = pos < end
-                if CONTIGUOUS:
-                    idx = pos.to(tl.int64)
-                else:
-                    idx = tl.load(perm_ptr + pos, mask=inb, other=0)
-                r = tl.load(rewards_ptr + idx, mask=inb, other=float("nan"))
+                idx, r = _load_members(rewards_ptr, perm_ptr, i + offs, end, CONTIGUOUS)
                 d = tl.where(r == r, r - mean, 0.0)
                 ss += d * d
             std = tl.sqrt(tl.sum(ss, axis=0) / tl.maximum(n - 1.0, 1.0))
@@ -279,19 +278,13 @@ def _group_advantages_kernel(
             inv = 1.0 / (tl.load(batch_std_ptr) + eps)
     # pass 3: write
     for i in range(start, end, BLOCK):
-        pos = i + offs
-        inb = pos < end
-        if CONTIGUOUS:
-            idx = pos.to(tl.int64)
-        else:
-            idx = tl.load(perm_ptr + pos, mask=inb, other=0)
-        r = tl.load(rewards_ptr + idx, mask=inb, other=float("nan"))
+        idx, r = _load_members(rewards_ptr, perm_ptr, i + offs, end, CONTIGUOUS)
         if RLOO:
             adv = r - (s - r) / tl.maximum(n - 1.0, 1.0)
         else:
             adv = (r - mean) * inv
         adv = tl.where((r == r) & keep, adv, 0.0)
-        tl.store(out_ptr + idx, adv, mask=inb)
+        tl.store(out_ptr + idx, adv, mask=i + offs < end)
 
 
 def _triton(rewards, group_size, group_ids, scale, estimator, eps):
