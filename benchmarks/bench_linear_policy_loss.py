@@ -76,7 +76,7 @@ def make_step(provider, hidden, weight, targets, adv, cu, seq_len):
             return loss
     elif provider == "fastrft":
         from fastrft_kernels import LossConfig
-        from fastrft_kernels.linear_policy_loss import linear_policy_loss
+        from fastrft_kernels import linear_policy_loss
 
         cfg = LossConfig(loss_type="dapo", beta=0.0)
 

@@ -53,11 +53,9 @@ def _completion_logp(logits, ids, pred_rows):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_packed_shared_prefix_matches_unpacked_sdpa(backend, monkeypatch):
-    import importlib
-
+    from fastrft_kernels import _segment_attention as sa_module
     from fastrft_kernels import hf_attention
 
-    sa_module = importlib.import_module("fastrft_kernels.segment_attention")
     real = sa_module.segment_attention
     calls = []  # (table, Tq) of every segment attention call: proves text and vision both go through it
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastrft_kernels import use_backend
-from fastrft_kernels.logprob import logprob
+from fastrft_kernels import logprob
 
 N, V = 13, 131  # V: a multiple of no block size (interpreter block 32)
 IGNORED = [2, 7]

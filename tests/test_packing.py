@@ -5,7 +5,7 @@ parameter as running each prompt + completion alone, unpadded, with transformers
 import pytest
 import torch
 
-from fastrft_kernels.linear_logprob import linear_logprob
+from fastrft_kernels import linear_logprob
 from fastrft import models, packing, synthetic
 from fastrft.data import load_image, load_rows, render_prompt
 from fastrft.rollout import encode_prompts

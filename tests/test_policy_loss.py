@@ -12,7 +12,7 @@ import torch
 
 from fastrft_kernels import LossConfig, policy_loss, use_backend
 from fastrft_kernels._backend import interpreting
-from fastrft_kernels.policy_loss import STAT_NAMES, policy_loss_with_grad
+from fastrft_kernels._policy_loss import STAT_NAMES, policy_loss_with_grad
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 LEVELS = ("token", "sequence")

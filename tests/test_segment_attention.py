@@ -221,11 +221,9 @@ def test_bad_arguments_name_what_is_wrong():
 
 
 def test_aot_configs_cover_every_dtype_and_head_dim_padding():
-    import importlib
-
+    from fastrft_kernels import _segment_attention as mod
     from fastrft_kernels.aot import AOTKernel
 
-    mod = importlib.import_module("fastrft_kernels.segment_attention")
     configs = mod.aot_configs()
     assert all(isinstance(c, AOTKernel) for c in configs)
     names = {c.name.split("[")[0] for c in configs}

@@ -18,7 +18,7 @@ import torch
 from trl.trainer.grpo_trainer import GRPOTrainer
 
 from fastrft_kernels import LossConfig, policy_loss, use_backend
-from fastrft_kernels.policy_loss import _high_entropy_mask
+from fastrft_kernels._policy_loss import _high_entropy_mask
 
 LENGTHS = [5, 0, 7, 1, 9, 4]  # an empty completion (an all-masked row for TRL)
 MAXLEN = 12  # dr_grpo's max_completion_length

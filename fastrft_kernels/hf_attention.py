@@ -49,8 +49,8 @@ from typing import Sequence
 
 import torch
 
-from .segment_attention import segment_attention, varlen_attention
-from .segments import CAUSAL, FULL, Segments
+from ._segment_attention import segment_attention, varlen_attention
+from ._segments import CAUSAL, FULL, Segments
 
 NAME = "fastrft_segment"
 VISION_NAME = "fastrft_segment_flash_varlen"  # "flash" in the name: see the module docstring

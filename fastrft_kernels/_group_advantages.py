@@ -324,7 +324,7 @@ def _triton(rewards, group_size, group_ids, scale, estimator, eps):
 
 
 def aot_configs():
-    """Every shipped configuration of the kernel, for ahead-of-time compilation (kernels/aot.py).
+    """Every shipped configuration of the kernel, for ahead-of-time compilation (aot.py).
 
     Rewards are cast to fp32 by the launcher (B floats), so fp32 is the only dtype compiled.
     """

@@ -78,7 +78,7 @@ import triton.language as tl
 
 from ._backend import interpreting, resolve_backend
 from ._checks import check_cu_seqlens, check_same_device, check_tensor
-from .loss_config import LossConfig
+from ._loss_config import LossConfig
 
 STAT_NAMES = (
     "clip_ratio/low_mean",
@@ -801,7 +801,7 @@ class _PolicyLossFunction(torch.autograd.Function):
 
 
 def aot_configs():
-    """Every shipped configuration of the two kernels, for ahead-of-time compilation (kernels/aot.py).
+    """Every shipped configuration of the two kernels, for ahead-of-time compilation (aot.py).
 
     The launcher casts per-token inputs to fp32 (every producer in this package returns fp32
     log-probabilities; a cast of a [T] vector is at most 4T bytes), so fp32 is the only dtype

@@ -4,7 +4,7 @@
     out = varlen_attention(q, k, v, cu_seqlens_q, ...)    # flash_attn_varlen_func semantics
 
 Each query attends to the union of the keys the entries of `segments` holding it let it
-see (see `segments.py` for the exact semantics; overlapping entries are deduplicated, a key
+see (see `_segments.py` for the exact semantics; overlapping entries are deduplicated, a key
 counts once). A query that sees no key outputs 0 and has lse = -inf.
 
 Three backends (DESIGN.md):
@@ -38,7 +38,7 @@ import torch
 
 from ._backend import interpreting, resolve_backend
 from ._checks import check_cu_seqlens, check_same_device, check_tensor
-from .segments import CAUSAL, Segments, segments_from_cu_seqlens
+from ._segments import CAUSAL, Segments, segments_from_cu_seqlens
 
 _LOG2E = 1.4426950408889634
 # Tiles (BLOCK_Q, BLOCK_K) per input dtype. fp16/bf16: 64 x 64 keeps the dK/dV accumulators
@@ -557,7 +557,7 @@ def segment_attention(q, k, v, segments: Segments, *, softmax_scale: float | Non
     q: [Tq, Hq, D] fp16/bf16/fp32 (fp64 on the reference and torch backends);
     k, v: [Tk, Hk, D], same dtype, Hq a multiple of Hk (GQA: query head h reads kv head
     h // (Hq // Hk)); Tq = Tk = T for one packed sequence.
-    segments: `Segments` table over those token positions (see segments.py).
+    segments: `Segments` table over those token positions (see _segments.py).
     softmax_scale: defaults to 1 / sqrt(D).
     Returns out [Tq, Hq, D] in q's dtype (0 for a query that sees no key), and with
     return_lse also lse [Hq, Tq] fp32 (natural log, -inf for such a query).

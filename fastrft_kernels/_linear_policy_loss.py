@@ -9,7 +9,7 @@ It is `linear_logprob` then `policy_loss`, fused so that no [T, V] tensor ever e
   (`policy_loss_with_grad`) returns the loss, the statistics and the per-token gradient
   g_t = d loss / d logp_t [T] fp32 in the same pass;
 - backward: grad_out * g feeds pass B of `linear_logprob` (recompute each logit tile, form
-  dlogits in registers, dX and dW with tile GEMMs; see linear_logprob.py).
+  dlogits in registers, dX and dW with tile GEMMs; see _linear_logprob.py).
 The entropy enters the loss only through the top-quantile mask, which has no gradient, so pass B
 never carries an entropy term here.
 
@@ -26,9 +26,9 @@ import torch
 
 from ._backend import resolve_backend
 from ._checks import check_cu_seqlens, check_same_device, check_tensor
-from .linear_logprob import _check_args, linear_logprob
-from .loss_config import LossConfig
-from .policy_loss import policy_loss, policy_loss_with_grad
+from ._linear_logprob import _check_args, linear_logprob
+from ._loss_config import LossConfig
+from ._policy_loss import policy_loss, policy_loss_with_grad
 
 
 class _AttachLossGrad(torch.autograd.Function):
