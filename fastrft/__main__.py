@@ -63,11 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_eval(cfg) -> int:
     import torch
 
-    from . import models
     from .rewards import load_reward
-    from .train import _device, _eval_rows
-
-    from .evaluate import evaluate
+    from .train import _device, _eval_rows, _evaluate, _model_and_processor
 
     rows = _eval_rows(cfg)
     if rows is None:
@@ -75,12 +72,9 @@ def run_eval(cfg) -> int:
               file=sys.stderr)
         return 2
     torch.manual_seed(cfg.seed)
-    model, processor = models.load_model(cfg.model, seed=cfg.seed, image_size=cfg.image_size)
+    model, processor = _model_and_processor(cfg)
     model.to(_device(cfg)).eval()
-    res = evaluate(model, processor, rows, load_reward(cfg.accuracy_reward), max_prompt_length=cfg.max_prompt_length,
-                   max_completion_length=cfg.max_completion_length, batch_size=cfg.eval_batch_size,
-                   system_prompt=cfg.system_prompt, image_size=cfg.image_size)
-    print(json.dumps(res, indent=2))
+    print(json.dumps(_evaluate(cfg, model, processor, rows, load_reward(cfg.accuracy_reward)), indent=2))
     return 0
 
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-
 from pathlib import Path
 
 import torch
+
+from . import synthetic
 
 PROBLEM_KEYS = ("problem", "prompt", "question")
 SOLUTION_KEYS = ("solution", "answer")
@@ -100,8 +101,6 @@ def load_rows(source: str, *, split: str = "train", size: int | None = None, see
     """Rows as dicts with `problem`, `solution`, `images` (paths, PIL images or synthetic
     objects) and any other columns. `split`, `size`, `seed`, `tasks` apply to `shapes` only."""
     if source == "shapes":
-        from . import synthetic
-
         n = size if size is not None else (4096 if split == "train" else 192)
         # the held-out split comes from another seed stream: no row of it is a training row
         rows = synthetic.make_split(n, seed if split == "train" else seed + 1_000_003, tasks or synthetic.TASKS)
@@ -125,9 +124,7 @@ def load_image(image, *, row_index: int | None = None, image_size: int = 56):
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, dict) and "objects" in image:
-        from .synthetic import render
-
-        return render(image["objects"], image_size)
+        return synthetic.render(image["objects"], image_size)
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as im:

@@ -1,10 +1,10 @@
 """Loading models and processors, and the few facts the trainer needs about them.
 
-`model` is "tiny" (the embedded Qwen2.5-VL of `fastrft.synthetic`, built from a config), a
-local `save_pretrained` folder or a hub id. Image-text-to-text models load with
-`AutoModelForImageTextToText` and `AutoProcessor`; text-only causal LMs with
-`AutoModelForCausalLM` and `AutoTokenizer`. Qwen2-VL and Qwen2.5-VL (mrope positions) are
-first-class; Qwen3-VL where transformers supports it.
+`load_model` takes a local `save_pretrained` folder or a hub id (`model: "tiny"`, the embedded
+Qwen2.5-VL, is built by `fastrft.synthetic` with `image_text_processor` below instead).
+Image-text-to-text models load with `AutoModelForImageTextToText` and `AutoProcessor`;
+text-only causal LMs with `AutoModelForCausalLM` and `AutoTokenizer`. Qwen2-VL and Qwen2.5-VL
+(mrope positions) are first-class; Qwen3-VL where transformers supports it.
 """
 
 from __future__ import annotations
@@ -31,26 +31,34 @@ def load_processor(name: str):
         image_processor = AutoImageProcessor.from_pretrained(name, backend="pil")
     except (ValueError, TypeError, OSError, ImportError, KeyError):
         return tok
-    from .synthetic import image_text_processor
-
     return image_text_processor(image_processor, tok, getattr(tok, "chat_template", None))
 
 
-def load_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, image_size: int = 56):
-    """(model, processor) for `name`; "tiny" builds the embedded model from `seed`."""
-    if name == "tiny":
-        from . import synthetic
+def image_text_processor(image_processor, tokenizer, chat_template=None):
+    """Qwen2.5-VL's processor (image-token expansion, mm_token_type_ids, chat template) without
+    its video processor: transformers' Qwen2-VL video processor needs torchvision, which the
+    CPU install does not carry, and the processor's constructor refuses a missing one."""
+    from transformers import ProcessorMixin, Qwen2_5_VLProcessor
 
-        processor = synthetic.make_processor(image_size)
-        return synthetic.make_model(processor, seed=seed).to(dtype), processor
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    class ImageTextProcessor(Qwen2_5_VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
-    config = AutoConfig.from_pretrained(name)
+    return ImageTextProcessor(image_processor, tokenizer, chat_template=chat_template)
+
+
+def load_model(name: str, *, dtype: torch.dtype = torch.float32):
+    """(model, processor) of the folder or hub id `name`."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
     try:
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
     except ValueError:  # not an image-text-to-text architecture: a text-only causal LM
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    del config
     return model, load_processor(name)
 
 

@@ -14,7 +14,8 @@ is left out of the input: a completion of n tokens adds n - 1 tokens to the micr
 
 Positions: Qwen-VL's mrope gives the prompt's image tokens their (t, h, w) grid positions and
 text tokens equal (t, h, w); completion tokens continue from the prompt, max(prompt positions)
-+ 1 + k on all three axes, as generation gave them. Text models use 0..L-1.
++ 1 + k on all three axes, as generation gave them
+(`fastrft_kernels.hf_attention.shared_prefix_position_ids`). Text models use 0..L-1.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastrft_kernels import shared_prefix_segments
+from fastrft_kernels import hf_attention, shared_prefix_segments
 
 from . import models
 
@@ -116,40 +117,37 @@ def pack_groups(groups: list[Group], token_budget: int) -> list[MicroBatch]:
 
 def pack_one(groups: list[Group]) -> MicroBatch:
     """One micro-batch from `groups`, in order."""
-    ids, pos, pixels, grids = [], [], [], []
+    ids, pixels, grids = [], [], []
     rows, targets, cu, seq_ids = [], [], [0], []
-    prompt_lens, completion_lens = [], []
+    completion_lens = []  # per group, the input length (n - 1) of each completion
     offset = 0
     for g in groups:
         lp = g.ids.numel()
         ids.append(g.ids)
-        pos.append(g.positions)
         if g.pixel_values is not None:
             pixels.append(g.pixel_values)
             grids.append(g.image_grid_thw)
-        prompt_lens.append(lp)
         last_prompt_row = offset + lp - 1
-        start = int(g.positions.max()) + 1
         cursor = offset + lp
-        lens = []
         for c, sid, ok in zip(g.completions, g.seq_ids, g.scored):
-            n = c.numel()
             body = c[:-1]  # [n-1]: the last token predicts nothing scored
             ids.append(body)
-            p = torch.arange(start, start + body.numel(), dtype=g.positions.dtype)
-            pos.append(p.expand(g.positions.shape[0], -1))
             rows.append(torch.tensor([last_prompt_row], dtype=torch.long))
             rows.append(torch.arange(cursor, cursor + body.numel(), dtype=torch.long))
             targets.append(c if ok else torch.full_like(c, IGNORE))
-            cu.append(cu[-1] + n)
+            cu.append(cu[-1] + c.numel())
             seq_ids.append(sid)
-            lens.append(body.numel())
             cursor += body.numel()
-        completion_lens.append(lens)
+        completion_lens.append([c.numel() - 1 for c in g.completions])
         offset = cursor
+    prompt_lens = [g.ids.numel() for g in groups]
+    # a text model's [1, Lp] positions go in as 3 equal rows and come back as one
+    n_axes = groups[0].positions.shape[0]
+    positions = hf_attention.shared_prefix_position_ids([g.positions.expand(3, -1) for g in groups],
+                                                        completion_lens)  # [3, T]
     return MicroBatch(
         input_ids=torch.cat(ids),
-        position_ids=torch.cat(pos, dim=1),
+        position_ids=positions[:n_axes],  # [3, T] | [1, T]
         segments=shared_prefix_segments(prompt_lens, completion_lens),
         pixel_values=torch.cat(pixels) if pixels else None,
         image_grid_thw=torch.cat(grids) if grids else None,
@@ -166,8 +164,6 @@ def segment_attention_on(model):
     attention (`fastrft_kernels.hf_attention`, which reads the `segments` table of a packed
     batch), then restores the previous implementation. Rollouts need the previous one:
     `generate` runs left-padded batches with a padding mask, which segment attention refuses."""
-    from fastrft_kernels import hf_attention
-
     previous = model.config._attn_implementation
     if previous == hf_attention.NAME:
         yield model

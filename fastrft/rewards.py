@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from .synthetic import ANSWERS
+
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
 _LETTER = re.compile(r"^\(?([A-Z])\)?[.:)]?$")
@@ -137,13 +139,22 @@ def iou(completions: list[str], solution: list, **_) -> list[float | None]:
     return out
 
 
-def _shapes(completions, solution, **kw):
-    from .synthetic import answer_reward
+def shapes(completions: list[str], solution: list[str], **_) -> list[float]:
+    """The synthetic task's one-word answers: 1 when the first word of the completion (or of
+    the text inside <answer>...</answer>) is the solution, 0.1 when it is one of the question's
+    other options (a random policy must first learn to answer at all: with a ~50-token
+    vocabulary a bare 0/1 reward is 0 for most groups of 8 at the start, and a group of equal
+    rewards carries no GRPO signal), else 0."""
+    out = []
+    for text, sol in zip(completions, solution):
+        words = extract_answer(text).split()
+        first = words[0] if words else ""
+        options = next((opts for opts in ANSWERS.values() if sol in opts), ())
+        out.append(1.0 if first == sol else 0.1 if first in options else 0.0)
+    return out
 
-    return answer_reward(completions, solution, **kw)
 
-
-BUILTIN: dict[str, Callable] = {"accuracy": accuracy, "format": format, "iou": iou, "shapes": _shapes}
+BUILTIN: dict[str, Callable] = {"accuracy": accuracy, "format": format, "iou": iou, "shapes": shapes}
 
 
 def load_reward(name: str) -> Callable:

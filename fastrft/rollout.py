@@ -6,8 +6,9 @@ image goes through the vision encoder G times and every prompt is prefilled G ti
 prompts (and their images) are prefilled once, all but the last prompt token, the KV cache is
 expanded G times (`DynamicCache.batch_repeat_interleave`, with Qwen-VL's mrope `rope_deltas`),
 and `generate` continues from that cache: it runs only the last prompt token and the new
-tokens. Greedy output is token-for-token the same as the plain route (tests/test_rollout
-checks it). Models whose cache cannot be expanded fall back to `num_return_sequences`.
+tokens. Greedy output is token-for-token the same as the plain route
+(tests/test_train_rollout.py checks it). Models whose cache cannot be expanded fall back to
+`num_return_sequences`.
 Measured on the tiny model (CPU, 1 thread, 8 prompts x 8 samples, 32 new tokens; a loaded
 2-core machine): 0.154 s against 0.214 s with 16 image tokens per prompt, 0.228 s against
 0.370 s with 64.

@@ -3,17 +3,20 @@ built in code (no download), so `bash scripts/train.sh` runs a real GRPO job any
 
 - Images: a 2x2 grid of cells (28 px each at the default 56 px) holding shapes (square,
   circle, triangle, cross), each in its own cell and colour, drawn with PIL: one shape for
-  colour and position questions, 1 to 4 of distinct kinds for count questions. The Qwen2-VL image processor turns a 56 px image into 4x4 patches of 14 px and
-  merges 2x2 of them into one LM token, so each of the 4 image tokens sees one cell.
-- Questions, each with a one-word answer that is checked exactly (4 options each, chance
-  0.25): "what colour is the circle ?" (red/green/blue/yellow), "how many shapes are there ?"
-  (1-4), "where is the circle ?" (top-left/top-right/bottom-left/bottom-right).
+  colour and position questions, 1 to 4 of distinct kinds for count questions. The Qwen2-VL
+  image processor turns a 56 px image into 4x4 patches of 14 px and merges 2x2 of them into
+  one LM token, so each of the 4 image tokens sees one cell.
+- Questions, each with a one-word answer that the `shapes` reward (`fastrft.rewards`) checks
+  exactly (4 options each, chance 0.25): "what colour is the circle ?" (red/green/blue/yellow),
+  "how many shapes are there ?" (1-4), "where is the circle ?" (top-left/top-right/
+  bottom-left/bottom-right).
 - Rows are generated from a seed and balanced by construction: row i asks task i mod 3 and
   its answer cycles through the 4 options, so every batch of 12 consecutive rows holds
   every (task, answer) pair once. The held-out split uses another seed.
 - A word-level tokenizer (`tokenizers` WordLevel, whitespace split) wrapped in
   `PreTrainedTokenizerFast`, a `Qwen2VLImageProcessorPil` configured for 56 px images and a
-  `Qwen2_5_VLProcessor` with a chat template: the same processor pipeline as a real Qwen2.5-VL.
+  `Qwen2_5_VLProcessor` with a chat template (`fastrft.models.image_text_processor`): the
+  same processor pipeline as a real Qwen2.5-VL.
 - A tiny Qwen2.5-VL (text: hidden 128, 2 layers; vision: hidden 64, depth 2), randomly
   initialised from a seed.
 """
@@ -24,6 +27,8 @@ import json
 import os
 import random
 from pathlib import Path
+
+from .models import image_text_processor
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 210, 40)}
 SHAPES = ("square", "circle", "triangle", "cross")
@@ -93,23 +98,6 @@ def make_processor(image_size: int = 56):
     return image_text_processor(image_processor, make_tokenizer(), CHAT_TEMPLATE)
 
 
-def image_text_processor(image_processor, tokenizer, chat_template=None):
-    """Qwen2.5-VL's processor (image-token expansion, mm_token_type_ids, chat template) without
-    its video processor: transformers' Qwen2-VL video processor needs torchvision, which the
-    CPU install does not carry, and the processor's constructor refuses a missing one."""
-    from transformers import ProcessorMixin, Qwen2_5_VLProcessor
-
-    class ImageTextProcessor(Qwen2_5_VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    return ImageTextProcessor(image_processor, tokenizer, chat_template=chat_template)
-
-
 def make_model_config(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, vision_hidden_size: int = 64):
     """A tiny Qwen2.5-VL config over `tokenizer`'s vocabulary."""
     from transformers import Qwen2_5_VLConfig
@@ -166,8 +154,9 @@ def make_model(processor, seed: int = 0, **sizes):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
+    text = config.get_text_config()  # transformers < 5.20 keeps eos/pad on the text config only
+    model.generation_config.eos_token_id = text.eos_token_id
+    model.generation_config.pad_token_id = text.pad_token_id
     return model
 
 
@@ -261,20 +250,3 @@ def write_jsonl(rows: list[dict], folder: str | os.PathLike, name: str, image_si
             render(row["objects"], image_size).save(folder / image)
             f.write(json.dumps({"image": image, "problem": row["problem"], "solution": row["solution"]}) + "\n")
     return path
-
-
-def answer_reward(completions: list[str], solution: list[str], **_) -> list[float]:
-    """Reward for the synthetic task's one-word answers: 1 when the first word of the
-    completion (or the text inside <answer>...</answer>) is the solution, 0.1 when it is one of
-    the question's other options (a random policy must first learn to answer at all: with a
-    ~50-token vocabulary a bare 0/1 reward is 0 for most groups of 8 at the start, and a group
-    of equal rewards carries no GRPO signal), else 0."""
-    from .rewards import extract_answer
-
-    out = []
-    for text, sol in zip(completions, solution):
-        words = extract_answer(text).split()
-        first = words[0] if words else ""
-        options = next((opts for opts in ANSWERS.values() if sol in opts), ())
-        out.append(1.0 if first == sol else 0.1 if first in options else 0.0)
-    return out

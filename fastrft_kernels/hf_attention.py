@@ -18,7 +18,7 @@ How it plugs in (transformers 5.x, read from modeling_qwen2_5_vl.py / masking_ut
   implementation's name contains "flash" (`is_flash_attention_requested`); any other name
   gets one call per image / window, split on the host. So the vision config is set to a
   second name for the same function, VISION_NAME = "fastrft_segment_flash_varlen" (our
-  kernel, not flash-attn): one call per vision layer, table from `cu_seq_lens_q` via
+  kernel, not flash-attn; assigned to the vision configs directly, see `enable_segment_attention`): one call per vision layer, table from `cu_seq_lens_q` via
   `varlen_attention(causal=False)` (built once per cu_seqlens tensor, which the tower
   reuses across its layers). A call per image still works (is_causal=False: one full entry).
   The tower computes each image once whatever the text layout.
@@ -161,10 +161,19 @@ def enable_segment_attention(model):
     and the vision tower attends within each image / window of its own cu_seqlens.
     """
     register()
-    impl = {"": NAME}
-    for key in getattr(model.config, "sub_configs", {}):
-        impl[key] = VISION_NAME if "vision" in key else NAME
-    model.set_attn_implementation(impl)
+    model.set_attn_implementation(NAME)
+    # The vision configs get VISION_NAME by direct assignment, after the checks: given to
+    # set_attn_implementation, a name containing "flash" is taken for a flash-attn build to
+    # preload (transformers 5.25: "Could not find the currently requested flash attention
+    # implementation"). The attention modules read config._attn_implementation at each call.
+    vision = [getattr(model.config, k) for k in getattr(model.config, "sub_configs", {}) if "vision" in k]
+    vision_types = tuple({type(c) for c in vision})
+    for module in model.modules():  # sub-models may hold copies of the sub-config
+        cfg = getattr(module, "config", None)
+        if vision_types and isinstance(cfg, vision_types):
+            vision.append(cfg)
+    for cfg in vision:
+        cfg._attn_implementation = VISION_NAME
     return model
 
 

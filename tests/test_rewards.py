@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from fastrft import rewards
-from fastrft.synthetic import answer_reward
 
 
 @pytest.mark.parametrize(
@@ -52,8 +51,8 @@ def test_iou():
 
 
 def test_shapes_reward_shaping():
-    got = answer_reward(["red", "blue <answer>", "<answer>red</answer>", "circle", "", "top-left"],
-                        ["red", "red", "red", "red", "red", "top-right"])
+    got = rewards.shapes(["red", "blue <answer>", "<answer>red</answer>", "circle", "", "top-left"],
+                         ["red", "red", "red", "red", "red", "top-right"])
     assert got == [1.0, 0.1, 1.0, 0.0, 0.0, 0.1]
 
 

@@ -12,7 +12,7 @@ import torch
 
 import fastrft.train as train_mod
 from fastrft import checkpoint as ckpt
-from fastrft import synthetic
+from fastrft import rewards, synthetic
 from fastrft.metrics import read_metrics
 from fastrft.train import GRPOConfig, train
 
@@ -62,7 +62,7 @@ def test_one_step_equals_naive_padded(tmp_path, monkeypatch):
     rows = [r for r in train_mod.load_rows("shapes", size=cfg.train_size, seed=cfg.seed)]
     sampler = train_mod.PromptSampler(len(rows), cfg.seed)
     sols = [rows[k]["solution"] for k in sampler.next(cfg.prompts_per_step) for _ in range(G)]
-    r = torch.tensor(synthetic.answer_reward(rollout.texts, sols), dtype=torch.float64).view(-1, G)
+    r = torch.tensor(rewards.shapes(rollout.texts, sols), dtype=torch.float64).view(-1, G)
     adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1, 1).float()  # [B, 1]
     ratio = torch.exp(logp - logp.detach())
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - cfg.epsilon, 1 + cfg.epsilon) * adv)
@@ -80,13 +80,13 @@ def test_one_step_equals_naive_padded(tmp_path, monkeypatch):
 
 
 REWARDS = """
-from fastrft.synthetic import answer_reward
+from fastrft.rewards import shapes
 STATE = {"calls": 0, "fail_at": None}
 def flaky(completions, solution, **kw):
     STATE["calls"] += 1
     if STATE["calls"] == STATE["fail_at"]:
         return [0.0]  # the wrong length
-    return answer_reward(completions, solution)
+    return shapes(completions, solution)
 """
 
 
