@@ -8,7 +8,7 @@ completions with lengths drawn uniformly in [L/2, 3L/2], 10% of tokens ignored, 
 (old_logp given), beta = 0.04 (k3 KL against ref_logp), a per-token IS ratio, loss_type dapo, at
 the token level and at the sequence level (GSPO). Providers:
 - `trl`: trl 1.16's own `GRPOTrainer._compute_loss`, called on the batch padded to [S, max_len]
-  (as a TRL trainer holds it), with a stand-in `self` (see tests/test_trl_parity.py);
+  (as a TRL trainer holds it), with the stand-in `self` of benchmarks/_trl.py;
 - `torch`: fastrft's vectorized packed path (segment sums, autograd);
 - `triton`: fastrft's two-phase kernel with the closed-form gradient (CUDA only; the CPU
   interpreter is a correctness tool, not a provider).
@@ -25,9 +25,7 @@ above the inputs; not reported on CPU (a few MB, below what resident-set samplin
 from __future__ import annotations
 
 import argparse
-import collections
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -38,23 +36,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import (  # noqa: E402
     command_line, device_info, markdown_table, peak_memory_of_call, time_side_by_side, write_results,
 )
+from benchmarks._trl import trl_self  # noqa: E402
 
 H100_BYTES_PER_S = 3.35e12  # H100 SXM HBM3
-
-
-class _OneProcess:
-    num_processes = 1
-
-    def gather(self, x):
-        return x
-
-    gather_for_metrics = gather
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-    def pad_across_processes(self, x, dim=0, pad_index=0):
-        return x
 
 
 def _trl_provider(config, b):
@@ -88,18 +72,7 @@ def _trl_provider(config, b):
         "importance_sampling_ratio": pad(b["isr"], 1.0),
     }
     padded_logp = pad(b["logp"]).requires_grad_(True)  # [S, W] what the model would return
-    ns = types.SimpleNamespace(
-        loss_type=config.loss_type, importance_sampling_level=config.importance_sampling_level,
-        epsilon_low=config.epsilon_low, epsilon_high=config.epsilon_high, beta=config.beta,
-        top_entropy_quantile=1.0, max_completion_length=config.max_completion_length, off_policy_mask_threshold=None,
-        use_vllm=True, vllm_importance_sampling_correction=True, aux_loss_enabled=False,
-        _entropy_bonus_enabled=False, current_gradient_accumulation_steps=1,
-        model=types.SimpleNamespace(training=True), accelerator=_OneProcess(),
-        _metrics={"train": collections.defaultdict(list)},
-        args=types.SimpleNamespace(delta=config.delta, use_bias_correction_kl=config.use_bias_correction_kl,
-                                   sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, steps_per_generation=1),
-    )
-    ns._get_per_token_logps_and_entropies = lambda *a, **k: (padded_logp, torch.zeros_like(padded_logp), None)
+    ns = trl_self(config, padded_logp, torch.zeros_like(padded_logp), use_vllm=True)  # TRL's IS correction on
 
     def run():
         padded_logp.grad = None

@@ -5,8 +5,9 @@ Order of precedence (DESIGN.md, Backends):
 2. the environment variable `FASTRFT_BACKEND`, read at each call;
 3. `auto`: triton on CUDA tensors, torch on CPU ones.
 
-Asking for triton on CPU tensors without `TRITON_INTERPRET=1` is an error, never a silent
-fallback: a benchmark that believes it measured a kernel must have measured it.
+Asking for triton on CPU tensors without `TRITON_INTERPRET=1`, or where triton is not
+installed, is an error, never a silent fallback: a benchmark that believes it measured a
+kernel must have measured it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 import threading
 
 import torch
+
+from ._triton import interpreting, require_triton
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 
@@ -50,17 +53,15 @@ def requested_backend() -> str:
     return _check_name(os.environ.get("FASTRFT_BACKEND", "auto").strip().lower() or "auto")
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter (`TRITON_INTERPRET=1`)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
-
-
 def resolve_backend(device: torch.device) -> str:
     """The concrete backend ('triton' | 'torch' | 'reference') for tensors on `device`."""
     name = requested_backend()
     if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if name == "triton" and device.type != "cuda" and not interpreting():
+        name = "triton" if device.type == "cuda" else "torch"
+    if name != "triton":
+        return name
+    require_triton()
+    if device.type != "cuda" and not interpreting():
         raise RuntimeError(
             f"backend 'triton' was asked for on {device.type} tensors, but TRITON_INTERPRET=1 is not "
             "set: Triton runs on CUDA tensors, or on CPU tensors under the interpreter. "

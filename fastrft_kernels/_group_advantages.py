@@ -27,21 +27,19 @@ per possible group, and the programs past the last group find an empty range and
 torch and triton backends never read a tensor on the host, so the call never waits for the device.
 """
 
-from __future__ import annotations
-
 import numbers
 
 import torch
-import triton
-import triton.language as tl
 
-from ._backend import interpreting, resolve_backend
-from ._checks import check_same_device, check_tensor
+from ._backend import resolve_backend
+from ._checks import acc_dtype, check_same_device, check_tensor
+from ._triton import HAVE_TRITON, kernel_output, tl, triton
 
 SCALES = ("group", "batch", "none")
 ESTIMATORS = ("grpo", "rloo")
 
-_BLOCK = 128  # members per loop step in the triton kernel; groups are 2-64 in practice, so one step
+
+# --------------------------------------------------------------------------------------- public API
 
 
 def group_advantages(
@@ -68,14 +66,27 @@ def group_advantages(
         advantages: (B,), float32 (float64 for float64 rewards on the reference and torch
         backends; the triton backend computes in float32).
     """
+    _check_args(rewards, group_size, group_ids, scale, estimator, eps)
+    backend = resolve_backend(rewards.device)
+    if backend == "reference":
+        return _reference(rewards, group_size, group_ids, scale, estimator, float(eps))
+    if backend == "torch":
+        return _torch(rewards, group_size, group_ids, scale, estimator, float(eps))
+    return _triton(rewards, group_size, group_ids, scale, estimator, float(eps))
+
+
+# ---------------------------------------------------------------------------------- argument checks
+
+
+def _check_args(rewards, group_size, group_ids, scale, estimator, eps):
     check_tensor("rewards", rewards, ndim=1, float_=True)
+    B = rewards.numel()
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"eps must be a real number >= 0, got {eps!r}")
-    B = rewards.numel()
     if (group_size is None) == (group_ids is None):
         raise ValueError(
             "give exactly one of group_size (contiguous groups) and group_ids (a group per reward), "
@@ -97,20 +108,13 @@ def group_advantages(
             raise ValueError(f"group_ids must have one entry per reward ({B}), got {group_ids.numel()}")
         check_same_device(rewards=rewards, group_ids=group_ids)
 
-    backend = resolve_backend(rewards.device)
-    if backend == "reference":
-        return _reference(rewards, group_size, group_ids, scale, estimator, float(eps))
-    if backend == "torch":
-        return _torch(rewards, group_size, group_ids, scale, estimator, float(eps))
-    return _triton(rewards, group_size, group_ids, scale, estimator, float(eps))
 
-
-# ------------------------------------------------------------------------------------------- reference
+# ---------------------------------------------------------------------------------------- reference
 
 
 def _reference(rewards, group_size, group_ids, scale, estimator, eps):
     """The spec: one group at a time, in float64 for float64 rewards (float32 otherwise)."""
-    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    dtype = acc_dtype(rewards.dtype)
     r = rewards.detach().to(dtype).cpu()  # [B]
     B = r.numel()
     if group_ids is None:
@@ -139,7 +143,7 @@ def _reference(rewards, group_size, group_ids, scale, estimator, eps):
     return out.to(rewards.device)
 
 
-# ------------------------------------------------------------------------------------------- torch
+# --------------------------------------------------------------------------------------- torch path
 
 
 def _dense_group_index(group_size, group_ids, B, device):
@@ -161,7 +165,7 @@ def _dense_group_index(group_size, group_ids, B, device):
 
 
 def _torch(rewards, group_size, group_ids, scale, estimator, eps):
-    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    dtype = acc_dtype(rewards.dtype)
     r = rewards.detach().to(dtype)  # [B]
     B = r.numel()
     device = r.device
@@ -203,96 +207,94 @@ def _batch_std(rz, valid):
     return torch.sqrt((dev * dev).sum() / (nv - 1).clamp(min=1))
 
 
-# ------------------------------------------------------------------------------------------- triton
+# --------------------------------------------------------------------- triton kernels and launchers
 
+_BLOCK = 128  # members per loop step in the triton kernel; groups are 2-64 in practice, so one step
 _SCALE_CODE = {"group": 0, "batch": 1, "none": 2}
 
 
-def _empty(shape, fill, *, dtype, device):
-    return torch.empty(shape, dtype=dtype, device=device)
+if HAVE_TRITON:
+    from ._triton import fp32_ptr, i32_ptr, i64_ptr
 
-
-@triton.jit
-def _load_members(rewards_ptr, perm_ptr, pos, end, CONTIGUOUS: tl.constexpr):
-    """(indices, rewards) of the group members at positions `pos` [BLOCK]; NaN past `end`."""
-    inb = pos < end
-    if CONTIGUOUS:
-        idx = pos.to(tl.int64)
-    else:
-        idx = tl.load(perm_ptr + pos, mask=inb, other=0)
-    return idx, tl.load(rewards_ptr + idx, mask=inb, other=float("nan"))
-
-
-@triton.jit
-def _group_advantages_kernel(
-    rewards_ptr,  # [B] fp32
-    perm_ptr,  # [B] int64: members in group order (unused when CONTIGUOUS)
-    starts_ptr,  # [n_groups + 1] int32: group k is perm[starts[k]:starts[k+1]] (unused when CONTIGUOUS)
-    batch_std_ptr,  # [1] fp32: std over all valid rewards (read when SCALE == 1)
-    out_ptr,  # [B] fp32
-    group_size,  # i32: G when CONTIGUOUS
-    eps,  # fp32
-    CONTIGUOUS: tl.constexpr,
-    SCALE: tl.constexpr,  # 0 group, 1 batch, 2 none
-    RLOO: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    g = tl.program_id(0)
-    if CONTIGUOUS:
-        start = g * group_size
-        end = start + group_size
-    else:
-        start = tl.load(starts_ptr + g)
-        end = tl.load(starts_ptr + g + 1)
-    offs = tl.arange(0, BLOCK)
-    # pass 1: count, sum, max and min of the valid (non-NaN) members
-    count = tl.zeros([BLOCK], dtype=tl.float32)
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    hi = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    lo = tl.full([BLOCK], float("inf"), dtype=tl.float32)
-    for i in range(start, end, BLOCK):
-        idx, r = _load_members(rewards_ptr, perm_ptr, i + offs, end, CONTIGUOUS)
-        ok = r == r  # False for NaN (unscorable) and out-of-range lanes
-        count += ok.to(tl.float32)
-        total += tl.where(ok, r, 0.0)
-        hi = tl.maximum(hi, tl.where(ok, r, float("-inf")))
-        lo = tl.minimum(lo, tl.where(ok, r, float("inf")))
-    n = tl.sum(count, axis=0)
-    s = tl.sum(total, axis=0)
-    mean = s / tl.maximum(n, 1.0)
-    informative = (n > 1.0) & (tl.max(hi, axis=0) > tl.min(lo, axis=0))
-    # as a [BLOCK] mask: the interpreter cannot `&` a 0-d bool with a block of them
-    keep = (tl.zeros([BLOCK], dtype=tl.float32) + informative.to(tl.float32)) > 0.5
-    inv = 1.0
-    if not RLOO:
-        if SCALE == 0:
-            # pass 2: the group's unbiased std, from deviations (two passes: no cancellation)
-            ss = tl.zeros([BLOCK], dtype=tl.float32)
-            for i in range(start, end, BLOCK):
-                idx, r = _load_members(rewards_ptr, perm_ptr, i + offs, end, CONTIGUOUS)
-                d = tl.where(r == r, r - mean, 0.0)
-                ss += d * d
-            std = tl.sqrt(tl.sum(ss, axis=0) / tl.maximum(n - 1.0, 1.0))
-            inv = 1.0 / (std + eps)
-        elif SCALE == 1:
-            inv = 1.0 / (tl.load(batch_std_ptr) + eps)
-    # pass 3: write
-    for i in range(start, end, BLOCK):
-        idx, r = _load_members(rewards_ptr, perm_ptr, i + offs, end, CONTIGUOUS)
-        if RLOO:
-            adv = r - (s - r) / tl.maximum(n - 1.0, 1.0)
+    @triton.jit
+    def _load_members(rewards_ptr, perm_ptr, pos, end, CONTIGUOUS: tl.constexpr):
+        """(indices, rewards) of the group members at positions `pos` [BLOCK]; NaN past `end`."""
+        inb = pos < end
+        if CONTIGUOUS:
+            idx = pos.to(tl.int64)
         else:
-            adv = (r - mean) * inv
-        adv = tl.where((r == r) & keep, adv, 0.0)
-        tl.store(out_ptr + idx, adv, mask=i + offs < end)
+            idx = tl.load(perm_ptr + pos, mask=inb, other=0)
+        return idx, tl.load(rewards_ptr + idx, mask=inb, other=float("nan"))
+
+    @triton.jit
+    def _group_advantages_fwd_kernel(
+        rewards_ptr: fp32_ptr,  # [B]
+        perm_ptr: i64_ptr,  # [B]: members in group order (unused when CONTIGUOUS)
+        starts_ptr: i32_ptr,  # [n_groups + 1]: group k is perm[starts[k]:starts[k+1]] (unused when CONTIGUOUS)
+        batch_std_ptr: fp32_ptr,  # [1]: std over all valid rewards (read when SCALE == 1)
+        out_ptr: fp32_ptr,  # [B]
+        group_size: tl.int32,  # G when CONTIGUOUS
+        eps: tl.float32,
+        CONTIGUOUS: tl.constexpr,
+        SCALE: tl.constexpr,  # 0 group, 1 batch, 2 none
+        RLOO: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        g = tl.program_id(0)
+        if CONTIGUOUS:
+            start = g * group_size
+            end = start + group_size
+        else:
+            start = tl.load(starts_ptr + g)
+            end = tl.load(starts_ptr + g + 1)
+        offs = tl.arange(0, BLOCK)
+        # pass 1: count, sum, max and min of the valid (non-NaN) members
+        count = tl.zeros([BLOCK], dtype=tl.float32)
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        hi = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        lo = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+        for i in range(start, end, BLOCK):
+            idx, r = _load_members(rewards_ptr, perm_ptr, i + offs, end, CONTIGUOUS)
+            ok = r == r  # False for NaN (unscorable) and out-of-range lanes
+            count += ok.to(tl.float32)
+            total += tl.where(ok, r, 0.0)
+            hi = tl.maximum(hi, tl.where(ok, r, float("-inf")))
+            lo = tl.minimum(lo, tl.where(ok, r, float("inf")))
+        n = tl.sum(count, axis=0)
+        s = tl.sum(total, axis=0)
+        mean = s / tl.maximum(n, 1.0)
+        informative = (n > 1.0) & (tl.max(hi, axis=0) > tl.min(lo, axis=0))
+        # as a [BLOCK] mask: the interpreter cannot `&` a 0-d bool with a block of them
+        keep = (tl.zeros([BLOCK], dtype=tl.float32) + informative.to(tl.float32)) > 0.5
+        inv = 1.0
+        if not RLOO:
+            if SCALE == 0:
+                # pass 2: the group's unbiased std, from deviations (two passes: no cancellation)
+                ss = tl.zeros([BLOCK], dtype=tl.float32)
+                for i in range(start, end, BLOCK):
+                    idx, r = _load_members(rewards_ptr, perm_ptr, i + offs, end, CONTIGUOUS)
+                    d = tl.where(r == r, r - mean, 0.0)
+                    ss += d * d
+                std = tl.sqrt(tl.sum(ss, axis=0) / tl.maximum(n - 1.0, 1.0))
+                inv = 1.0 / (std + eps)
+            elif SCALE == 1:
+                inv = 1.0 / (tl.load(batch_std_ptr) + eps)
+        # pass 3: write
+        for i in range(start, end, BLOCK):
+            idx, r = _load_members(rewards_ptr, perm_ptr, i + offs, end, CONTIGUOUS)
+            if RLOO:
+                adv = r - (s - r) / tl.maximum(n - 1.0, 1.0)
+            else:
+                adv = (r - mean) * inv
+            adv = tl.where((r == r) & keep, adv, 0.0)
+            tl.store(out_ptr + idx, adv, mask=i + offs < end)
 
 
 def _triton(rewards, group_size, group_ids, scale, estimator, eps):
     r = rewards.detach().float().contiguous()  # [B] fp32 (a copy of B floats at most)
     B = r.numel()
     device = r.device
-    # poisoned under the interpreter (the tests), so a member the kernel never writes shows up as NaN
-    out = (torch.full if interpreting() else _empty)((B,), torch.nan, dtype=torch.float32, device=device)  # [B]
+    out = kernel_output((B,), dtype=torch.float32, device=device)  # [B]
     if B == 0:
         return out
     if scale == "batch" and estimator == "grpo":
@@ -315,7 +317,7 @@ def _triton(rewards, group_size, group_ids, scale, estimator, eps):
         grid = n
         group_size = 0
         contiguous = False
-    _group_advantages_kernel[(grid,)](
+    _group_advantages_fwd_kernel[(grid,)](
         r, perm, starts, batch_std, out, group_size, eps,
         CONTIGUOUS=contiguous, SCALE=_SCALE_CODE[scale], RLOO=estimator == "rloo", BLOCK=_BLOCK,
         num_warps=4,
@@ -323,44 +325,21 @@ def _triton(rewards, group_size, group_ids, scale, estimator, eps):
     return out
 
 
+# ------------------------------------------------------------------------------- AOT configurations
+
+
 def aot_configs():
     """Every shipped configuration of the kernel, for ahead-of-time compilation (aot.py).
 
-    Rewards are cast to fp32 by the launcher (B floats), so fp32 is the only dtype compiled.
+    Rewards are cast to fp32 by the launcher (B floats): every pointer has its own type.
     """
     from .aot import AOTKernel
 
-    kernel = _group_advantages_kernel
-    signature = {
-        "rewards_ptr": "*fp32",
-        "perm_ptr": "*i64",
-        "starts_ptr": "*i32",
-        "batch_std_ptr": "*fp32",
-        "out_ptr": "*fp32",
-        "group_size": "i32",
-        "eps": "fp32",
-        "CONTIGUOUS": "constexpr",
-        "SCALE": "constexpr",
-        "RLOO": "constexpr",
-        "BLOCK": "constexpr",
-    }
-    configs = []
-    for contiguous in (True, False):
-        for rloo, scale in ((False, "group"), (False, "batch"), (False, "none"), (True, "none")):
-            name = f"group_advantages_{'contiguous' if contiguous else 'ids'}_{'rloo' if rloo else 'grpo_' + scale}"
-            configs.append(
-                AOTKernel(
-                    name=name,
-                    fn=kernel,
-                    signature=signature,
-                    constexprs={
-                        "CONTIGUOUS": contiguous,
-                        "SCALE": _SCALE_CODE[scale],
-                        "RLOO": rloo,
-                        "BLOCK": _BLOCK,
-                    },
-                    num_warps=4,
-                    num_stages=1,
-                )
-            )
-    return configs
+    return [
+        AOTKernel(
+            _group_advantages_fwd_kernel, None,
+            dict(CONTIGUOUS=contiguous, SCALE=_SCALE_CODE[scale], RLOO=rloo, BLOCK=_BLOCK), num_warps=4, num_stages=1,
+        )
+        for contiguous in (True, False)
+        for rloo, scale in ((False, "group"), (False, "batch"), (False, "none"), (True, "none"))
+    ]

@@ -8,32 +8,33 @@ Only completion rows run: rows whose target is `ignore_index` are dropped first 
 prompts fill 80% of the tokens pays for the 20% that are completions.
 
 Triton design (the GPU path; the tests run it under TRITON_INTERPRET=1):
-- Pass A (`_fwd_partial_kernel`): grid (row blocks x vocab splits). Each program walks its
-  vocab split in [BLOCK_N, BLOCK_V] logit tiles, each a `tl.dot` loop over H in BLOCK_H, and
-  keeps per row an online max m, sum-exp s = sum e^(z-m) and a = sum e^(z-m) (z-m) (relative
-  to the running max, so every term is bounded: logits of 1e4 at temperature 0.1 stay
-  finite). `_fwd_finalize_kernel` merges the splits in a fixed order in fp32 -> lse, the mean
-  logit E[z] (for entropy and its gradient) and the entropy. The split width
-  (`_V_PER_SPLIT` columns) depends on V only, never on N: a row's reduction order is the
-  same whatever else is in the batch (batch invariance).
-- The target logit is a row dot product x . w[target] (`_target_logit_kernel`), in both the
-  full pass and the lse-reuse pass, so the two give bit-identical log-probs for the same
-  lse (an on-policy ratio is exactly 1).
-- Pass B (backward), deterministic, no float atomics: `_bwd_dx_kernel` (grid row blocks x
-  vocab splits, each program owning its rows of a fp32 partial dX) and `_bwd_dw_kernel`
-  (grid vocab blocks, each program owning its rows of a fp32 dW and dbias) each recompute
-  their logit tiles and form dlogits = (g_logp (onehot - p) - g_ent p (z - E[z])) / T in
-  registers. FLOPs: 2NHV (pass A) + 2 x (2NHV recompute + 2NHV product) = 10 NHV,
-  1.25x the 8 NHV floor (pass A, one recompute, dX, dW). The dX partials over
-  `dx_splits` vocab splits are summed in a fixed order by torch. The price of owning the
-  outputs without atomics is read-modify-write traffic on fp32 tiles: the dW kernel reads
-  and writes its [BLOCK_V, H] rows once per row block (8 V H ceil(M / BLOCK_N) bytes: at
-  M = 8192, H = 4096, V = 151936, BLOCK_N = 64: 640 GB against 20 TFLOP of math in that
-  pass, 32 FLOP/byte, well under an H100's ~300: unless L2 catches the re-reads the pass is
-  bandwidth-bound; larger row blocks, or dlogits kept in shared memory across several row
-  blocks, are the next step, unmeasured here for want of a GPU), and the dX kernel its
-  [BLOCK_N, H] rows once per vocab block. Extra memory: dW in fp32 [V, H] (cast to the weight's dtype at the
-  end), dX partials [dx_splits, M, H] fp32, and the gathered rows x [M, H].
+- Pass A (`_linear_logprob_fwd_partial_kernel`): grid (row blocks x vocab splits). Each
+  program walks its vocab split in [BLOCK_N, BLOCK_V] logit tiles, each a `tl.dot` loop over
+  H in BLOCK_H, and keeps per row an online max m, sum-exp s = sum e^(z-m) and
+  a = sum e^(z-m) (z-m) (relative to the running max, so every term is bounded: logits of 1e4
+  at temperature 0.1 stay finite). `_linear_logprob_fwd_finalize_kernel` merges the splits in
+  a fixed order in fp32 -> lse, the mean logit E[z] (for entropy and its gradient) and the
+  entropy. The split width (`_V_PER_SPLIT` columns) depends on V only, never on N: a row's
+  reduction order is the same whatever else is in the batch (batch invariance).
+- The target logit is a row dot product x . w[target] (`_linear_logprob_target_kernel`), in
+  both the full pass and the lse-reuse pass, so the two give bit-identical log-probs for the
+  same lse (an on-policy ratio is exactly 1).
+- Pass B (backward), deterministic, no float atomics: `_linear_logprob_bwd_dx_kernel` (grid
+  row blocks x vocab splits, each program owning its rows of a fp32 partial dX) and
+  `_linear_logprob_bwd_dw_kernel` (grid vocab blocks, each program owning its rows of a fp32
+  dW and dbias) each recompute their logit tiles and form
+  dlogits = (g_logp (onehot - p) - g_ent p (z - E[z])) / T in registers. FLOPs: 2NHV (pass A)
+  + 2 x (2NHV recompute + 2NHV product) = 10 NHV, 1.25x the 8 NHV floor (pass A, one
+  recompute, dX, dW). The dX partials over `dx_splits` vocab splits are summed in a fixed
+  order by torch. The price of owning the outputs without atomics is read-modify-write
+  traffic on fp32 tiles: the dW kernel reads and writes its [BLOCK_V, H] rows once per row
+  block (8 V H ceil(M / BLOCK_N) bytes: at M = 8192, H = 4096, V = 151936, BLOCK_N = 64:
+  640 GB against 20 TFLOP of math in that pass, 32 FLOP/byte, well under an H100's ~300:
+  unless L2 catches the re-reads the pass is bandwidth-bound; larger row blocks, or dlogits
+  kept in shared memory across several row blocks, are the next step, unmeasured here for
+  want of a GPU), and the dX kernel its [BLOCK_N, H] rows once per vocab block. Extra
+  memory: dW in fp32 [V, H] (cast to the weight's dtype at the end), dX partials
+  [dx_splits, M, H] fp32, and the gathered rows x [M, H].
 - With `lse=` given (from a no-grad pass with the same weights, `return_lse=True`) and no
   entropy asked, pass A's GEMM is skipped: the forward is only the target dot product.
   Asking for entropy needs pass A anyway: the given lse is then ignored and recomputed.
@@ -42,21 +43,73 @@ Three backends behind the one function (DESIGN.md): `triton`, `torch` (blocks of
 vocab, memory O(rows x vocab block); the CPU path) and `reference` (materializes logits; float64-capable).
 """
 
-from __future__ import annotations
-
 import os
-import types
 
 import torch
 
-from ._backend import interpreting, resolve_backend
-from ._checks import check_same_device, check_targets, check_tensor
+from ._backend import resolve_backend
+from ._checks import acc_dtype, check_kernel_dtype, check_same_device, check_targets, check_tensor
+from ._triton import HAVE_TRITON, dot_flags, interpreting, launch, tl, triton
 
-# ----------------------------------------------------------------------------------------
-# Argument checks
-# ----------------------------------------------------------------------------------------
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# --------------------------------------------------------------------------------------- public API
+
+
+def linear_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    lse: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Log-probability of each target token under softmax((hidden @ weight.T + bias) / temperature).
+
+    Args:
+        hidden: [N, H] float16 / bfloat16 / float32 (float64 on the torch and reference backends).
+        weight: [V, H], the LM head, same dtype as hidden.
+        targets: [N] int64 (or int32) token ids in [0, V), or `ignore_index`.
+        bias: optional [V], same dtype.
+        temperature: positive float; the logits are divided by it (as TRL does).
+        ignore_index: rows with this target cost nothing and get logp = entropy = 0.
+        return_entropy: also return the entropy [N] of each row's distribution.
+        lse: optional [N] float32 log-sum-exp of z = logits / temperature for these rows, from an
+            earlier call with the same hidden, weight, bias and temperature (`return_lse=True`,
+            typically the no-grad old-logprob pass of an on-policy step). It skips pass A's GEMM:
+            the forward is only the target dot product. It is taken as a constant (no gradient flows
+            into it). With `return_entropy=True` pass A must run anyway, and `lse` is ignored.
+        return_lse: also return that lse [N] float32 (0 at ignored rows; never differentiable).
+
+    Returns:
+        logp [N] float32 (float64 for float64 inputs), or a tuple (logp, entropy?, lse?) in that
+        order when `return_entropy` / `return_lse` ask for them. Differentiable w.r.t. hidden,
+        weight and bias through logp and entropy.
+    """
+    _check_args(hidden, weight, targets, bias, temperature, ignore_index, lse)
+    backend = resolve_backend(hidden.device)
+    if backend == "reference":
+        logp, ent, lse_out = _reference(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
+    else:
+        if backend == "triton":
+            check_kernel_dtype("hidden", hidden)
+        logp, ent, lse_out = _LinearLogprob.apply(
+            hidden, weight, bias, targets, lse, float(temperature), ignore_index, return_entropy, backend
+        )
+    if not return_entropy and not return_lse:
+        return logp
+    out = (logp,)
+    if return_entropy:
+        out += (ent,)
+    if return_lse:
+        out += (lse_out,)
+    return out
+
+
+# ---------------------------------------------------------------------------------- argument checks
 
 
 def _check_args(hidden, weight, targets, bias, temperature, ignore_index, lse):
@@ -86,14 +139,7 @@ def _check_args(hidden, weight, targets, bias, temperature, ignore_index, lse):
     check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation and outputs, fp64 when the inputs are fp64 (the reference's precision)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ----------------------------------------------------------------------------------------
-# reference: materialize the logits (the spec)
-# ----------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------- reference
 
 
 def _reference(hidden, weight, targets, bias, temperature, ignore_index, want_entropy):
@@ -101,7 +147,7 @@ def _reference(hidden, weight, targets, bias, temperature, ignore_index, want_en
     logits = hidden @ weight.t()  # [N, V]
     if bias is not None:
         logits = logits + bias
-    z = logits.to(_acc_dtype(hidden.dtype)) / temperature  # [N, V]
+    z = logits.to(acc_dtype(hidden.dtype)) / temperature  # [N, V]
     logsm = torch.log_softmax(z, dim=-1)  # [N, V]
     valid = targets != ignore_index  # [N]
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
@@ -116,9 +162,7 @@ def _reference(hidden, weight, targets, bias, temperature, ignore_index, want_en
     return logp, ent, lse.detach()
 
 
-# ----------------------------------------------------------------------------------------
-# torch: blocks of rows x vocab, custom backward recomputing each block's logits
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- torch path
 
 # Block shape of the torch path: [_TORCH_ROWS, _TORCH_VOCAB] fp32 logits = 8 MiB. Measured
 # on the 2-core dev box at V = 151936, H = 896, fp32 (shared and noisy):
@@ -170,7 +214,7 @@ def _target_logit(x, weight, bias, tgt, inv_t, acc):
 
 def _torch_stats(x, weight, bias, inv_t, want_entropy):
     """lse [M] and E[z] [M] (or None): an online softmax over vocab blocks, row block by row block."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     m, vocab = x.shape[0], weight.shape[0]
     lse = torch.empty(m, dtype=acc, device=x.device)
     ez = torch.empty(m, dtype=acc, device=x.device) if want_entropy else None
@@ -201,7 +245,7 @@ def _torch_stats(x, weight, bias, inv_t, want_entropy):
 
 def _torch_backward(x, weight, bias, tgt, lse, ez, g_lp, g_ent, inv_t, need_x, need_w, need_b):
     """dX [M, H] (x's dtype), dW [V, H] and db [V] (acc dtype), recomputing each block's logits."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     m, vocab = x.shape[0], weight.shape[0]
     dx = torch.empty(m, x.shape[1], dtype=x.dtype, device=x.device) if need_x else None
     dw = torch.zeros(vocab, x.shape[1], dtype=acc, device=x.device) if need_w else None
@@ -249,9 +293,7 @@ def _torch_backward(x, weight, bias, tgt, lse, ez, g_lp, g_ent, inv_t, need_x, n
     return dx, dw, db
 
 
-# ----------------------------------------------------------------------------------------
-# triton kernels
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------- triton kernels and launchers
 
 # Columns of the vocabulary per pass-A program: a function of V only, never of N, so a row's
 # reduction order is the same in every batch. 2048 = 16 blocks of 128: at V = 151936 there are
@@ -259,15 +301,6 @@ def _torch_backward(x, weight, bias, tgt, lse, ez, g_lp, g_ent, inv_t, need_x, n
 _V_PER_SPLIT = 2048
 # Blocks used under TRITON_INTERPRET=1 (small, so that the test shapes cross every boundary).
 INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, V_PER_SPLIT=64, DX_SPLITS=2)
-
-try:  # triton is optional on CPU-only machines: the torch path needs none of it
-    import triton
-    import triton.language as tl
-
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    _HAVE_TRITON = False
-
 
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per kernel, each compiled for sm_80 and
 # sm_90 without spills (python -m fastrft_kernels.aot). Every BLOCK_V divides _V_PER_SPLIT.
@@ -289,16 +322,9 @@ _CONFIGS = {
     },
 }
 
-if _HAVE_TRITON:
 
-    @triton.jit
-    def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        """acc + a @ b. UPCAST (interpreter only): Triton 3.9's interpreter multiplies bf16 tiles
-        as their raw uint16 bits; fp32 operands hold the same bf16 values exactly, and the MMA
-        on a GPU also forms exact products with fp32 accumulation."""
-        if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+if HAVE_TRITON:
+    from ._triton import aligned_rows, dot, fp32_ptr, i64_ptr
 
     @triton.jit
     def _logits_tile(
@@ -332,41 +358,25 @@ if _HAVE_TRITON:
                 h_mask = h < H
                 x = tl.load(x_rows + h[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
                 w = tl.load(w_rows + h[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0)
-            acc = _tile.dot(x, tl.trans(w), acc, PRECISION, UPCAST)
+            acc = dot(x, tl.trans(w), acc, PRECISION, UPCAST)
         if HAS_BIAS:
             b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
             acc += b[None, :]
         z = acc * inv_temp
         return tl.where(col_mask[None, :], z, float("-inf"))
 
-    # The tile helpers live in a module object, not at module level: the AOT gate lists every
-    # module-level @triton.jit function as a kernel to compile, and these are inlined into the
-    # kernels it does compile. (A module, not a SimpleNamespace: Triton deep-copies other
-    # global objects a kernel references, and a JITFunction cannot be copied.)
-    _tile = types.ModuleType(__name__ + "._tile")
-    _tile.dot, _tile.logits = _dot, _logits_tile
-    del _dot, _logits_tile
-
     @triton.jit
-    def _fwd_partial_kernel(
-        X, W, B, M_PART, S_PART, A_PART,
-        M, H, V, V_PER_SPLIT,
-        stride_xn, stride_wv,
-        inv_temp,
-        HAS_BIAS: tl.constexpr, WANT_ENT: tl.constexpr,
+    def _linear_logprob_fwd_partial_kernel(
+        X, W, B, M_PART: fp32_ptr, S_PART: fp32_ptr, A_PART: fp32_ptr,
+        M: tl.int32, H: tl.int32, V: tl.int32, V_PER_SPLIT: tl.int32,
+        stride_xn: tl.int64, stride_wv: tl.int64,
+        inv_temp: tl.float32,
+        HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr = False,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """Pass A: per (row block, vocab split) the online max m, sum e^(z-m), sum e^(z-m)(z-m)."""
-        if EVEN_H:
-            # identities here (EVEN_H: H % BLOCK_H == 0, row strides % 16 == 0) that tell the
-            # compiler the rows are 16-element aligned, so loads go 128-bit wide. Triton's launch
-            # specializes such ints itself; a build from a signature (the AOT gate) does not, and
-            # tl.multiple_of / tl.assume on scalars did not reach the loads (measured: scalar
-            # 16-bit loads, 255 registers and spills).
-            stride_xn = (stride_xn // 16) * 16
-            stride_wv = (stride_wv // 16) * 16
-            H = (H // 16) * 16
+        stride_xn, stride_wv, H = aligned_rows(stride_xn, stride_wv, H, EVEN_H)  # 128-bit loads when EVEN_H
         n0 = tl.program_id(0) * BLOCK_N
         split = tl.program_id(1)
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -377,14 +387,14 @@ if _HAVE_TRITON:
         v_start = split * V_PER_SPLIT
         v_end = tl.minimum(v_start + V_PER_SPLIT, V)
         for v0 in range(v_start, v_end, BLOCK_V):
-            z = _tile.logits(
+            z = _logits_tile(
                 X, W, B, n0, v0, v_end, M, H, stride_xn, stride_wv, inv_temp,
                 HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION, UPCAST,
             )
             m_new = tl.maximum(m_i, tl.max(z, axis=1))  # finite: every tile has a column < v_end
             alpha = tl.exp(m_i - m_new)  # 0 on the first tile (m_i = -inf)
             e = tl.exp(z - m_new[:, None])  # [BN, BV], 0 past v_end
-            if WANT_ENT:
+            if HAS_ENT:
                 # rebase a to the new max: sum e^(z-m_new)(z-m_new) = alpha (a + (m - m_new) s);
                 # s == 0 exactly when m == -inf, where (m - m_new) s would be -inf * 0
                 shift = tl.where(s_i > 0, (m_i - m_new) * s_i, 0.0)
@@ -396,13 +406,14 @@ if _HAVE_TRITON:
         out = split * M + offs_n
         tl.store(M_PART + out, m_i, mask=row_mask)
         tl.store(S_PART + out, s_i, mask=row_mask)
-        if WANT_ENT:
+        if HAS_ENT:
             tl.store(A_PART + out, a_i, mask=row_mask)
 
     @triton.jit
-    def _fwd_finalize_kernel(
-        M_PART, S_PART, A_PART, LSE, EZ, M, N_SPLITS,
-        WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
+    def _linear_logprob_fwd_finalize_kernel(
+        M_PART: fp32_ptr, S_PART: fp32_ptr, A_PART: fp32_ptr, LSE: fp32_ptr, EZ: fp32_ptr,
+        M: tl.int32, N_SPLITS: tl.int32,
+        HAS_ENT: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """Merge the vocab splits of pass A in a fixed order: lse [M] and E[z] [M] (fp32)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -417,18 +428,19 @@ if _HAVE_TRITON:
             s_k = tl.load(S_PART + k * M + offs, mask=mask, other=1.0)  # padding rows: log(1), not log(0)
             scale = tl.exp(m_k - mx)
             s += scale * s_k
-            if WANT_ENT:
+            if HAS_ENT:
                 a_k = tl.load(A_PART + k * M + offs, mask=mask, other=0.0)
                 a += scale * (a_k + (m_k - mx) * s_k)
         tl.store(LSE + offs, mx + tl.log(s), mask=mask)
-        if WANT_ENT:
+        if HAS_ENT:
             tl.store(EZ + offs, mx + a / s, mask=mask)  # E[z]; entropy = lse - E[z]
 
     @triton.jit
-    def _target_logit_kernel(
-        X, W, B, TGT, ZT, M, H,
-        stride_xn, stride_wv,
-        inv_temp,
+    def _linear_logprob_target_kernel(
+        X, W, B, TGT: i64_ptr, ZT: fp32_ptr,
+        M: tl.int32, H: tl.int32,
+        stride_xn: tl.int64, stride_wv: tl.int64,
+        inv_temp: tl.float32,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
         """z[target] = (x . w[target] + b[target]) / T per row, a fixed-order dot over H."""
@@ -462,29 +474,18 @@ if _HAVE_TRITON:
         # padding rows/columns may hold inf * 0: zero them so they never reach dX or dW
         return tl.where(row_mask[:, None] & (cols < v_end)[None, :], dl * inv_temp, 0.0)
 
-    _tile.dlogits = _dlogits_tile
-    del _dlogits_tile
-
     @triton.jit
-    def _bwd_dx_kernel(
-        X, W, B, TGT, LSE, EZ, G_LP, G_ENT, DX_PART,
-        M, H, V, V_PER_SPLIT,
-        stride_xn, stride_wv,
-        inv_temp,
+    def _linear_logprob_bwd_dx_kernel(
+        X, W, B, TGT: i64_ptr, LSE: fp32_ptr, EZ: fp32_ptr, G_LP: fp32_ptr, G_ENT: fp32_ptr, DX_PART: fp32_ptr,
+        M: tl.int32, H: tl.int32, V: tl.int32, V_PER_SPLIT: tl.int32,
+        stride_xn: tl.int64, stride_wv: tl.int64,
+        inv_temp: tl.float32,
         HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr = False,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """dX partial [split, M, H] fp32 (zero-filled by the caller): this program owns rows x split."""
-        if EVEN_H:
-            # identities here (EVEN_H: H % BLOCK_H == 0, row strides % 16 == 0) that tell the
-            # compiler the rows are 16-element aligned, so loads go 128-bit wide. Triton's launch
-            # specializes such ints itself; a build from a signature (the AOT gate) does not, and
-            # tl.multiple_of / tl.assume on scalars did not reach the loads (measured: scalar
-            # 16-bit loads, 255 registers and spills).
-            stride_xn = (stride_xn // 16) * 16
-            stride_wv = (stride_wv // 16) * 16
-            H = (H // 16) * 16
+        stride_xn, stride_wv, H = aligned_rows(stride_xn, stride_wv, H, EVEN_H)  # 128-bit loads when EVEN_H
         n0 = tl.program_id(0) * BLOCK_N
         split = tl.program_id(1)
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -503,11 +504,11 @@ if _HAVE_TRITON:
         v_start = split * V_PER_SPLIT
         v_end = tl.minimum(v_start + V_PER_SPLIT, V)
         for v0 in range(v_start, v_end, BLOCK_V):
-            z = _tile.logits(
+            z = _logits_tile(
                 X, W, B, n0, v0, v_end, M, H, stride_xn, stride_wv, inv_temp,
                 HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION, UPCAST,
             )
-            dl = _tile.dlogits(z, tgt, v0, v_end, row_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT, BLOCK_V)
+            dl = _dlogits_tile(z, tgt, v0, v_end, row_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT, BLOCK_V)
             dl = dl.to(W.dtype.element_ty)  # the GEMM runs in the input dtype, as plain PyTorch's
             cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
             w_ptrs = W + cols[:, None] * stride_wv + offs_h[None, :]  # [BV, BH]
@@ -517,31 +518,23 @@ if _HAVE_TRITON:
                 w = tl.load(w_ptrs, mask=(cols < v_end)[:, None] & h_mask[None, :], other=0.0)
                 d_mask = row_mask[:, None] & h_mask[None, :]
                 acc = tl.load(d_ptrs, mask=d_mask, other=0.0)
-                acc = _tile.dot(dl, w, acc, PRECISION, UPCAST)
+                acc = dot(dl, w, acc, PRECISION, UPCAST)
                 tl.store(d_ptrs, acc, mask=d_mask)
                 w_ptrs += BLOCK_H
                 d_ptrs += BLOCK_H
 
     @triton.jit
-    def _bwd_dw_kernel(
-        X, W, B, TGT, LSE, EZ, G_LP, G_ENT, DW, DB,
-        M, H, V,
-        stride_xn, stride_wv,
-        inv_temp,
+    def _linear_logprob_bwd_dw_kernel(
+        X, W, B, TGT: i64_ptr, LSE: fp32_ptr, EZ: fp32_ptr, G_LP: fp32_ptr, G_ENT: fp32_ptr, DW: fp32_ptr, DB: fp32_ptr,
+        M: tl.int32, H: tl.int32, V: tl.int32,
+        stride_xn: tl.int64, stride_wv: tl.int64,
+        inv_temp: tl.float32,
         HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, NEED_DB: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr = False,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """dW [V, H] fp32 (zero-filled) and dbias [V] fp32: this program owns BLOCK_V vocab rows."""
-        if EVEN_H:
-            # identities here (EVEN_H: H % BLOCK_H == 0, row strides % 16 == 0) that tell the
-            # compiler the rows are 16-element aligned, so loads go 128-bit wide. Triton's launch
-            # specializes such ints itself; a build from a signature (the AOT gate) does not, and
-            # tl.multiple_of / tl.assume on scalars did not reach the loads (measured: scalar
-            # 16-bit loads, 255 registers and spills).
-            stride_xn = (stride_xn // 16) * 16
-            stride_wv = (stride_wv // 16) * 16
-            H = (H // 16) * 16
+        stride_xn, stride_wv, H = aligned_rows(stride_xn, stride_wv, H, EVEN_H)  # 128-bit loads when EVEN_H
         v0 = tl.program_id(0) * BLOCK_V
         cols = v0 + tl.arange(0, BLOCK_V)
         offs_h = tl.arange(0, BLOCK_H)
@@ -558,11 +551,11 @@ if _HAVE_TRITON:
             else:
                 ez = lse
                 g_ent = g_lp
-            z = _tile.logits(
+            z = _logits_tile(
                 X, W, B, n0, v0, V, M, H, stride_xn, stride_wv, inv_temp,
                 HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION, UPCAST,
             )
-            dl = _tile.dlogits(z, tgt, v0, V, row_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT, BLOCK_V)
+            dl = _dlogits_tile(z, tgt, v0, V, row_mask, lse, ez, g_lp, g_ent, inv_temp, HAS_ENT, BLOCK_V)
             if NEED_DB:
                 db += tl.sum(dl, axis=0)
             dlt = tl.trans(dl.to(X.dtype.element_ty))  # [BV, BN]
@@ -573,7 +566,7 @@ if _HAVE_TRITON:
                 x = tl.load(x_ptrs, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
                 d_mask = (cols < V)[:, None] & h_mask[None, :]
                 acc = tl.load(d_ptrs, mask=d_mask, other=0.0)
-                acc = _tile.dot(dlt, x, acc, PRECISION, UPCAST)
+                acc = dot(dlt, x, acc, PRECISION, UPCAST)
                 tl.store(d_ptrs, acc, mask=d_mask)
                 x_ptrs += BLOCK_H
                 d_ptrs += BLOCK_H
@@ -611,17 +604,17 @@ if _HAVE_TRITON:
         return prune
 
     _even_h = triton.heuristics({"EVEN_H": lambda a: _even(a["H"], a["BLOCK_H"], a["stride_xn"], a["stride_wv"])})
-    _fwd_partial_tuned = triton.autotune(
+    _linear_logprob_fwd_partial_tuned = triton.autotune(
         configs=_configs("fwd"), key=["H", "V"], prune_configs_by={"early_config_prune": _make_prune("fwd")}
-    )(_even_h(_fwd_partial_kernel))
-    _bwd_dx_tuned = triton.autotune(
+    )(_even_h(_linear_logprob_fwd_partial_kernel))
+    _linear_logprob_bwd_dx_tuned = triton.autotune(
         configs=_configs("dx"), key=["H", "V"], prune_configs_by={"early_config_prune": _make_prune("dx")},
         reset_to_zero=["DX_PART"],
-    )(_even_h(_bwd_dx_kernel))
-    _bwd_dw_tuned = triton.autotune(
+    )(_even_h(_linear_logprob_bwd_dx_kernel))
+    _linear_logprob_bwd_dw_tuned = triton.autotune(
         configs=_configs("dw"), key=["H", "V"], prune_configs_by={"early_config_prune": _make_prune("dw")},
         reset_to_zero=["DW"],
-    )(_even_h(_bwd_dw_kernel))
+    )(_even_h(_linear_logprob_bwd_dw_kernel))
 
 
 def _even(h: int, block_h: int, stride_xn: int, stride_wv: int) -> bool:
@@ -636,11 +629,11 @@ def _precision(dtype) -> str:
     return "ieee"
 
 
-def _check_triton(dtype):
-    if not _HAVE_TRITON:
-        raise RuntimeError("backend 'triton' needs the triton package, which is not installed")
-    if dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"hidden must be float16, bfloat16 or float32 on the triton backend, got {dtype}")
+def _interpreter_meta(x, weight) -> dict:
+    """Block sizes (and EVEN_H) of the plain kernels under TRITON_INTERPRET=1."""
+    meta = {k: INTERPRETER_BLOCKS[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
+    meta["EVEN_H"] = _even(x.shape[1], meta["BLOCK_H"], x.stride(0), weight.stride(0))
+    return meta
 
 
 def _triton_target_logit(x, weight, bias, tgt, inv_t):
@@ -648,7 +641,7 @@ def _triton_target_logit(x, weight, bias, tgt, inv_t):
     m, h = x.shape
     zt = torch.full((m,), float("nan"), dtype=torch.float32, device=x.device)  # poisoned: every row is written
     block_n, block_h = 16, (16 if interpreting() else 64)
-    _target_logit_kernel[(triton.cdiv(m, block_n),)](
+    _linear_logprob_target_kernel[(triton.cdiv(m, block_n),)](
         x, weight, bias if bias is not None else weight, tgt, zt, m, h,
         x.stride(0), weight.stride(0), inv_t,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_H=block_h,
@@ -661,8 +654,7 @@ def _triton_stats(x, weight, bias, inv_t, want_entropy):
     m, h = x.shape
     vocab = weight.shape[0]
     dev = x.device
-    interp = interpreting()
-    v_per_split = INTERPRETER_BLOCKS["V_PER_SPLIT"] if interp else _V_PER_SPLIT
+    v_per_split = INTERPRETER_BLOCKS["V_PER_SPLIT"] if interpreting() else _V_PER_SPLIT
     n_splits = triton.cdiv(vocab, v_per_split)
     # partials are fully written by pass A; NaN-filled so that a missed store shows
     m_part = torch.full((n_splits, m), float("nan"), dtype=torch.float32, device=dev)
@@ -673,21 +665,15 @@ def _triton_stats(x, weight, bias, inv_t, want_entropy):
         m, h, vocab, v_per_split,
         x.stride(0), weight.stride(0), inv_t,
     )
-    flags = dict(HAS_BIAS=bias is not None, WANT_ENT=want_entropy, PRECISION=_precision(x.dtype))
-    if interp:
-        flags["UPCAST"] = x.dtype == torch.bfloat16
-    if interp:
-        blocks = {k: INTERPRETER_BLOCKS[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
-        blocks["EVEN_H"] = _even(h, blocks["BLOCK_H"], x.stride(0), weight.stride(0))
-        _fwd_partial_kernel[(triton.cdiv(m, blocks["BLOCK_N"]), n_splits)](*common, **flags, **blocks)
-    else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), n_splits)  # noqa: E731
-        _fwd_partial_tuned[grid](*common, **flags)
+    flags = dict(HAS_BIAS=bias is not None, HAS_ENT=want_entropy, **dot_flags(x.dtype, _precision(x.dtype)))
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), n_splits)  # noqa: E731
+    launch(_linear_logprob_fwd_partial_kernel, _linear_logprob_fwd_partial_tuned, grid, *common,
+           interpreter_meta=_interpreter_meta(x, weight), **flags)
     lse = torch.full((m,), float("nan"), dtype=torch.float32, device=dev)
     ez = torch.full((m,), float("nan"), dtype=torch.float32, device=dev) if want_entropy else lse
     block = 128
-    _fwd_finalize_kernel[(triton.cdiv(m, block),)](
-        m_part, s_part, a_part, lse, ez, m, n_splits, WANT_ENT=want_entropy, BLOCK=block
+    _linear_logprob_fwd_finalize_kernel[(triton.cdiv(m, block),)](
+        m_part, s_part, a_part, lse, ez, m, n_splits, HAS_ENT=want_entropy, BLOCK=block
     )
     return lse, (ez if want_entropy else None)
 
@@ -710,56 +696,46 @@ def _triton_backward(x, weight, bias, tgt, lse, ez, g_lp, g_ent, inv_t, need_x, 
     m, h = x.shape
     vocab = weight.shape[0]
     dev = x.device
-    interp = interpreting()
     has_ent = g_ent is not None
     b_arg = bias if bias is not None else weight
     ez_arg = ez if has_ent else lse
     ge_arg = g_ent if has_ent else g_lp
     strides = (x.stride(0), weight.stride(0))
-    flags = dict(HAS_BIAS=bias is not None, HAS_ENT=has_ent, PRECISION=_precision(x.dtype))
-    if interp:
-        flags["UPCAST"] = x.dtype == torch.bfloat16
-    blocks = {k: INTERPRETER_BLOCKS[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
-    blocks["EVEN_H"] = _even(h, blocks["BLOCK_H"], x.stride(0), weight.stride(0))
+    flags = dict(HAS_BIAS=bias is not None, HAS_ENT=has_ent, **dot_flags(x.dtype, _precision(x.dtype)))
+    interp_meta = _interpreter_meta(x, weight)
     dx = dw = db = None
     if need_x:
-        v_per_split = INTERPRETER_BLOCKS["V_PER_SPLIT"] if interp else _V_PER_SPLIT
+        v_per_split = INTERPRETER_BLOCKS["V_PER_SPLIT"] if interpreting() else _V_PER_SPLIT
         n_splits = _dx_splits(m, vocab, dev)
         # each split covers ceil(V / n_splits) columns, rounded up to whole units of v_per_split
         cols_per = triton.cdiv(triton.cdiv(vocab, n_splits), v_per_split) * v_per_split
         n_splits = triton.cdiv(vocab, cols_per)
         part = torch.zeros((n_splits, m, h), dtype=torch.float32, device=dev)  # read-modify-written
         args = (x, weight, b_arg, tgt, lse, ez_arg, g_lp, ge_arg, part, m, h, vocab, cols_per, *strides, inv_t)
-        if interp:
-            _bwd_dx_kernel[(triton.cdiv(m, blocks["BLOCK_N"]), n_splits)](*args, **flags, **blocks)
-        else:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), n_splits)  # noqa: E731
-            _bwd_dx_tuned[grid](*args, **flags)
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), n_splits)  # noqa: E731
+        launch(_linear_logprob_bwd_dx_kernel, _linear_logprob_bwd_dx_tuned, grid, *args, interpreter_meta=interp_meta,
+               **flags)
         dx = part.sum(0) if n_splits > 1 else part[0]  # fixed-order sum over splits: deterministic
     if need_w or need_b:
         dw_buf = torch.zeros((vocab, h), dtype=torch.float32, device=dev)  # read-modify-written
         db = torch.full((vocab,), float("nan"), dtype=torch.float32, device=dev) if need_b else dw_buf
         args = (x, weight, b_arg, tgt, lse, ez_arg, g_lp, ge_arg, dw_buf, db, m, h, vocab, *strides, inv_t)
-        if interp:
-            _bwd_dw_kernel[(triton.cdiv(vocab, blocks["BLOCK_V"]),)](*args, **flags, NEED_DB=need_b, **blocks)
-        else:
-            grid = lambda meta: (triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
-            _bwd_dw_tuned[grid](*args, **flags, NEED_DB=need_b)
+        grid = lambda meta: (triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
+        launch(_linear_logprob_bwd_dw_kernel, _linear_logprob_bwd_dw_tuned, grid, *args, interpreter_meta=interp_meta,
+               NEED_DB=need_b, **flags)
         dw = dw_buf if need_w else None
         db = db if need_b else None
     return dx, dw, db
 
 
-# ----------------------------------------------------------------------------------------
-# autograd
-# ----------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------- autograd
 
 
 class _LinearLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, lse_in, temperature, ignore_index, want_entropy, backend):
         n = hidden.shape[0]
-        acc = _acc_dtype(hidden.dtype)
+        acc = acc_dtype(hidden.dtype)
         dev = hidden.device
         inv_t = 1.0 / float(temperature)
         # the one host sync: the kernels' grid needs the number of completion rows
@@ -812,7 +788,7 @@ class _LinearLogprob(torch.autograd.Function):
             if need_b:
                 db = torch.zeros_like(bias)
             return dh, dw, db, None, None, None, None, None, None
-        acc = _acc_dtype(hidden.dtype)
+        acc = acc_dtype(hidden.dtype)
         g_lp = (g_logp if g_logp is not None else torch.zeros(ctx.n, device=hidden.device, dtype=acc))
         g_lp = g_lp.index_select(0, rows).to(acc).contiguous()  # [M]
         ge = None
@@ -839,134 +815,29 @@ class _LinearLogprob(torch.autograd.Function):
         return dh, dw, db, None, None, None, None, None, None
 
 
-# ----------------------------------------------------------------------------------------
-# public API
-# ----------------------------------------------------------------------------------------
-
-
-def linear_logprob(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
-    lse: torch.Tensor | None = None,
-    return_lse: bool = False,
-):
-    """Log-probability of each target token under softmax((hidden @ weight.T + bias) / temperature).
-
-    Args:
-        hidden: [N, H] float16 / bfloat16 / float32 (float64 on the torch and reference backends).
-        weight: [V, H], the LM head, same dtype as hidden.
-        targets: [N] int64 (or int32) token ids in [0, V), or `ignore_index`.
-        bias: optional [V], same dtype.
-        temperature: positive float; the logits are divided by it (as TRL does).
-        ignore_index: rows with this target cost nothing and get logp = entropy = 0.
-        return_entropy: also return the entropy [N] of each row's distribution.
-        lse: optional [N] float32 log-sum-exp of z = logits / temperature for these rows, from an
-            earlier call with the same hidden, weight, bias and temperature (`return_lse=True`,
-            typically the no-grad old-logprob pass of an on-policy step). It skips pass A's GEMM:
-            the forward is only the target dot product. It is taken as a constant (no gradient flows
-            into it). With `return_entropy=True` pass A must run anyway, and `lse` is ignored.
-        return_lse: also return that lse [N] float32 (0 at ignored rows; never differentiable).
-
-    Returns:
-        logp [N] float32 (float64 for float64 inputs), or a tuple (logp, entropy?, lse?) in that
-        order when `return_entropy` / `return_lse` ask for them. Differentiable w.r.t. hidden,
-        weight and bias through logp and entropy.
-    """
-    _check_args(hidden, weight, targets, bias, temperature, ignore_index, lse)
-    backend = resolve_backend(hidden.device)
-    if backend == "reference":
-        logp, ent, lse_out = _reference(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
-    else:
-        if backend == "triton":
-            _check_triton(hidden.dtype)
-        logp, ent, lse_out = _LinearLogprob.apply(
-            hidden, weight, bias, targets, lse, float(temperature), ignore_index, return_entropy, backend
-        )
-    if not return_entropy and not return_lse:
-        return logp
-    out = (logp,)
-    if return_entropy:
-        out += (ent,)
-    if return_lse:
-        out += (lse_out,)
-    return out
+# ------------------------------------------------------------------------------- AOT configurations
 
 
 def aot_configs():
     """Every shipped Triton configuration x dtype, for ahead-of-time compilation checks."""
-    from .aot import AOTKernel  # written by the lead; imported lazily
+    from .aot import AOTKernel
 
     out = []
-    dtypes = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16}
-    for tdt in dtypes:
-        prec = "ieee"  # torch's default for fp32 matmuls; half dtypes ignore it
-        fam = "fp32" if tdt == "*fp32" else "half"
+    for dtype in ("fp32", "bf16", "fp16"):
+        family = "fp32" if dtype == "fp32" else "half"
+        # PRECISION ieee: torch's default for fp32 matmuls (half dtypes ignore it)
+        flags = dict(EVEN_H=True, PRECISION="ieee", UPCAST=False)
         # (bias, entropy): the common LM head (no bias, logp only) and the heaviest variant
         for has_bias, has_ent in ((False, False), (True, True)):
-            for cfg in _configs("fwd", fam):
-                sig = {
-                    "X": tdt, "W": tdt, "B": tdt, "M_PART": "*fp32", "S_PART": "*fp32",
-                    "A_PART": "*fp32", "M": "i32", "H": "i32", "V": "i32", "V_PER_SPLIT": "i32",
-                    "stride_xn": "i64", "stride_wv": "i64",
-                    "inv_temp": "fp32", "HAS_BIAS": "constexpr", "WANT_ENT": "constexpr",
-                    "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr",
-                    "EVEN_H": "constexpr", "PRECISION": "constexpr", "UPCAST": "constexpr",
-                }
-                out.append(AOTKernel(
-                    name=f"linear_logprob_fwd_{tdt[1:]}_bias{int(has_bias)}_ent{int(has_ent)}_{_cfg_name(cfg)}",
-                    fn=_fwd_partial_kernel, signature=sig,
-                    constexprs=dict(HAS_BIAS=has_bias, WANT_ENT=has_ent, EVEN_H=True, PRECISION=prec, UPCAST=False, **cfg.kwargs),
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                ))
-            bwd_sig = {
-                "X": tdt, "W": tdt, "B": tdt, "TGT": "*i64", "LSE": "*fp32", "EZ": "*fp32",
-                "G_LP": "*fp32", "G_ENT": "*fp32",
-            }
-            for cfg in _configs("dx", fam):
-                sig = dict(bwd_sig, DX_PART="*fp32", M="i32", H="i32", V="i32", V_PER_SPLIT="i32",
-                           stride_xn="i64", stride_wv="i64",
-                           inv_temp="fp32", HAS_BIAS="constexpr", HAS_ENT="constexpr", BLOCK_N="constexpr",
-                           BLOCK_V="constexpr", BLOCK_H="constexpr", EVEN_H="constexpr", PRECISION="constexpr", UPCAST="constexpr")
-                out.append(AOTKernel(
-                    name=f"linear_logprob_bwd_dx_{tdt[1:]}_bias{int(has_bias)}_ent{int(has_ent)}_{_cfg_name(cfg)}",
-                    fn=_bwd_dx_kernel, signature=sig,
-                    constexprs=dict(HAS_BIAS=has_bias, HAS_ENT=has_ent, EVEN_H=True, PRECISION=prec, UPCAST=False, **cfg.kwargs),
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                ))
-            for cfg in _configs("dw", fam):
-                sig = dict(bwd_sig, DW="*fp32", DB="*fp32", M="i32", H="i32", V="i32",
-                           stride_xn="i64", stride_wv="i64",
-                           inv_temp="fp32", HAS_BIAS="constexpr", HAS_ENT="constexpr", NEED_DB="constexpr",
-                           BLOCK_N="constexpr", BLOCK_V="constexpr", BLOCK_H="constexpr", EVEN_H="constexpr", PRECISION="constexpr", UPCAST="constexpr")
-                out.append(AOTKernel(
-                    name=f"linear_logprob_bwd_dw_{tdt[1:]}_bias{int(has_bias)}_ent{int(has_ent)}_{_cfg_name(cfg)}",
-                    fn=_bwd_dw_kernel, signature=sig,
-                    constexprs=dict(HAS_BIAS=has_bias, HAS_ENT=has_ent, NEED_DB=has_bias, EVEN_H=True, PRECISION=prec, UPCAST=False, **cfg.kwargs),
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                ))
-    for tdt in dtypes:
-        out.append(AOTKernel(
-            name=f"linear_logprob_target_{tdt[1:]}", fn=_target_logit_kernel,
-            signature={"X": tdt, "W": tdt, "B": tdt, "TGT": "*i64", "ZT": "*fp32", "M": "i32",
-                       "H": "i32", "stride_xn": "i64", "stride_wv": "i64",
-                       "inv_temp": "fp32", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_H": "constexpr"},
-            constexprs=dict(HAS_BIAS=True, BLOCK_N=16, BLOCK_H=64), num_warps=4, num_stages=1,
-        ))
-    out.append(AOTKernel(
-        name="linear_logprob_finalize", fn=_fwd_finalize_kernel,
-        signature={"M_PART": "*fp32", "S_PART": "*fp32", "A_PART": "*fp32", "LSE": "*fp32", "EZ": "*fp32",
-                   "M": "i32", "N_SPLITS": "i32", "WANT_ENT": "constexpr", "BLOCK": "constexpr"},
-        constexprs=dict(WANT_ENT=True, BLOCK=128), num_warps=4, num_stages=1,
-    ))
+            for kernel, kind, extra in (
+                (_linear_logprob_fwd_partial_kernel, "fwd", {}),
+                (_linear_logprob_bwd_dx_kernel, "dx", {}),
+                (_linear_logprob_bwd_dw_kernel, "dw", dict(NEED_DB=has_bias)),
+            ):
+                for cfg in _configs(kind, family):
+                    constexprs = dict(HAS_BIAS=has_bias, HAS_ENT=has_ent, **extra, **flags, **cfg.kwargs)
+                    out.append(AOTKernel(kernel, dtype, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        out.append(AOTKernel(_linear_logprob_target_kernel, dtype, dict(HAS_BIAS=True, BLOCK_N=16, BLOCK_H=64),
+                             num_warps=4, num_stages=1))
+    out.append(AOTKernel(_linear_logprob_fwd_finalize_kernel, None, dict(HAS_ENT=True, BLOCK=128), num_warps=4, num_stages=1))
     return out
-
-
-def _cfg_name(cfg) -> str:
-    k = cfg.kwargs
-    return f"n{k['BLOCK_N']}v{k['BLOCK_V']}h{k['BLOCK_H']}w{cfg.num_warps}s{cfg.num_stages}"

@@ -20,52 +20,16 @@ Host syncs: one read of cu_seqlens for validation, and one `nonzero` for the com
 (linear_logprob: the kernels' grid needs their count).
 """
 
-from __future__ import annotations
-
 import torch
 
 from ._backend import resolve_backend
-from ._checks import check_cu_seqlens, check_same_device, check_tensor
+from ._checks import check_config, check_loss_args
 from ._linear_logprob import _check_args, linear_logprob
 from ._loss_config import LossConfig
 from ._policy_loss import policy_loss, policy_loss_with_grad
 
 
-class _AttachLossGrad(torch.autograd.Function):
-    """loss with d loss / d logp = g, computed by the loss finalizer in the forward pass."""
-
-    @staticmethod
-    def forward(ctx, logp, loss, g):
-        ctx.save_for_backward(g)
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (g,) = ctx.saved_tensors
-        return grad_out * g, None, None  # [T]
-
-
-def _validate(hidden, weight, targets, advantages, cu_seqlens, bias, old_logp, ref_logp, isr, lse, config,
-              ignore_index):
-    if not isinstance(config, LossConfig):
-        raise TypeError(f"config must be a fastrft_kernels.LossConfig, got {type(config).__name__}")
-    _check_args(hidden, weight, targets, bias, config.temperature, ignore_index, lse)
-    t = hidden.shape[0]
-    check_tensor("advantages", advantages, ndim=1, float_=True)
-    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtype=torch.int32)
-    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("importance_sampling_ratio", isr)):
-        if x is not None:
-            check_tensor(name, x, ndim=1, float_=True)
-            if x.numel() != t:
-                raise ValueError(f"{name} must have one value per token (T={t}), got {x.numel()}")
-    check_same_device(hidden=hidden, advantages=advantages, cu_seqlens=cu_seqlens, old_logp=old_logp,
-                      ref_logp=ref_logp, importance_sampling_ratio=isr)
-    check_cu_seqlens(cu_seqlens, t)  # one host read
-    s = cu_seqlens.numel() - 1
-    if advantages.numel() not in (s, t):
-        raise ValueError(
-            f"advantages must hold one value per sequence (S={s}) or per token (T={t}), got {advantages.numel()}"
-        )
+# --------------------------------------------------------------------------------------- public API
 
 
 def linear_policy_loss(
@@ -135,8 +99,7 @@ class LinearPolicyLoss(torch.nn.Module):
         if config is not None and config_fields:
             raise ValueError("give either config or LossConfig fields as keywords, not both")
         self.config = config if config is not None else LossConfig(**config_fields)
-        if not isinstance(self.config, LossConfig):
-            raise TypeError(f"config must be a fastrft_kernels.LossConfig, got {type(self.config).__name__}")
+        check_config(self.config)
         self.ignore_index = ignore_index
 
     def forward(self, hidden, lm_head_weight, targets, advantages, cu_seqlens, *, bias=None, old_logp=None,
@@ -150,3 +113,31 @@ class LinearPolicyLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"config={self.config!r}"
+
+
+# ---------------------------------------------------------------------------------- argument checks
+
+
+def _validate(hidden, weight, targets, advantages, cu_seqlens, bias, old_logp, ref_logp, isr, lse, config,
+              ignore_index):
+    check_config(config)
+    _check_args(hidden, weight, targets, bias, config.temperature, ignore_index, lse)
+    per_token = dict(old_logp=old_logp, ref_logp=ref_logp, importance_sampling_ratio=isr)
+    check_loss_args(config, hidden.shape[0], advantages, cu_seqlens, per_token=per_token, hidden=hidden)
+
+
+# ----------------------------------------------------------------------------------------- autograd
+
+
+class _AttachLossGrad(torch.autograd.Function):
+    """loss with d loss / d logp = g, computed by the loss finalizer in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, logp, loss, g):
+        ctx.save_for_backward(g)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (g,) = ctx.saved_tensors
+        return grad_out * g, None, None  # [T]

@@ -13,24 +13,51 @@ already exist (a model that returns them): it never makes a second [N, V] copy i
 - reference: fp32 (fp64 for fp64) log_softmax with autograd.
 """
 
-from __future__ import annotations
-
 import torch
 
-from ._backend import interpreting, resolve_backend
-from ._checks import check_same_device, check_targets, check_tensor
+from ._backend import resolve_backend
+from ._checks import acc_dtype, check_kernel_dtype, check_same_device, check_targets, check_tensor
+from ._triton import HAVE_TRITON, interpreting, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
 
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover
-    _HAVE_TRITON = False
+# --------------------------------------------------------------------------------------- public API
 
-_CHUNK_BYTES = 64 * 2**20  # fp32 working set of the torch path per chunk
-_BLOCK_V = 2048  # vocab block of the triton kernels on a GPU (74 blocks at V = 151936)
-INTERPRETER_BLOCK_V = 32
+
+def logprob(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """log softmax(logits / temperature)[target] per row.
+
+    Args:
+        logits: [N, V] float16 / bfloat16 / float32 (float64 on the torch and reference backends).
+        targets: [N] int64 (or int32) in [0, V) or `ignore_index`.
+        temperature: positive float dividing the logits.
+        return_entropy: also return the entropy [N] of each row's distribution.
+
+    Returns:
+        logp [N] float32 (float64 for float64 logits), or (logp, entropy); 0 at ignored rows;
+        differentiable w.r.t. logits through both.
+    """
+    _check_args(logits, targets, temperature, ignore_index)
+    backend = resolve_backend(logits.device)
+    if backend == "reference":
+        logp, ent = _reference(logits, targets, temperature, ignore_index, return_entropy)
+    else:
+        if backend == "triton":
+            check_kernel_dtype("logits", logits)
+            if logits.stride(1) != 1:
+                logits = logits.contiguous()
+            targets = targets.long()  # the kernels read int64 ids
+        logp, ent = _Logprob.apply(logits, targets, float(temperature), ignore_index, return_entropy, backend)
+    return (logp, ent) if return_entropy else logp
+
+
+# ---------------------------------------------------------------------------------- argument checks
 
 
 def _check_args(logits, targets, temperature, ignore_index):
@@ -43,12 +70,11 @@ def _check_args(logits, targets, temperature, ignore_index):
     check_targets(targets, logits.shape[0], logits.shape[1], ignore_index)
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# ---------------------------------------------------------------------------------------- reference
 
 
 def _reference(logits, targets, temperature, ignore_index, want_entropy):
-    z = logits.to(_acc(logits.dtype)) / temperature  # [N, V]
+    z = logits.to(acc_dtype(logits.dtype)) / temperature  # [N, V]
     logsm = torch.log_softmax(z, dim=-1)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
@@ -57,12 +83,68 @@ def _reference(logits, targets, temperature, ignore_index, want_entropy):
     return logp, ent
 
 
-if _HAVE_TRITON:
+# --------------------------------------------------------------------------------------- torch path
+
+_CHUNK_BYTES = 64 * 2**20  # fp32 working set of the torch path per chunk
+
+
+def _torch_forward(logits, targets, inv_t, ignore_index, want_entropy):
+    n, v = logits.shape
+    acc = acc_dtype(logits.dtype)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    lse = torch.empty(n, dtype=acc, device=logits.device)
+    ez = torch.zeros(n, dtype=acc, device=logits.device)
+    zt = logits.gather(1, safe[:, None]).squeeze(1).to(acc) * inv_t  # [N]
+    chunk = max(1, _CHUNK_BYTES // (4 * max(v, 1)))
+    for i in range(0, n, chunk):
+        z = logits[i : i + chunk].to(acc) * inv_t  # [C, V]
+        mx = z.amax(1, keepdim=True)
+        p = torch.sub(z, mx).exp_()
+        s = p.sum(1)
+        lse[i : i + chunk] = mx.squeeze(1) + s.log()
+        if want_entropy:
+            ez[i : i + chunk] = p.mul_(z).sum(1) / s
+    zero = torch.zeros((), dtype=acc, device=logits.device)
+    logp = torch.where(valid, torch.clamp(zt - lse, max=0.0), zero)
+    ent = torch.where(valid, torch.clamp(lse - ez, min=0.0), zero) if want_entropy else None
+    return logp, ent, torch.where(valid, lse, zero), ez
+
+
+def _torch_backward(logits, targets, lse, ez, g_lp, g_ent, inv_t, ignore_index):
+    n, v = logits.shape
+    acc = acc_dtype(logits.dtype)
+    valid = targets != ignore_index
+    g_lp = torch.where(valid, g_lp.to(acc), 0.0)
+    g_ent = torch.where(valid, g_ent.to(acc), 0.0) if g_ent is not None else None
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    dz = torch.empty_like(logits)
+    chunk = max(1, _CHUNK_BYTES // (4 * max(v, 1)))
+    for i in range(0, n, chunk):
+        z = logits[i : i + chunk].to(acc) * inv_t  # [C, V]
+        p = torch.sub(z, lse[i : i + chunk, None]).exp_()
+        d = p * -g_lp[i : i + chunk, None]
+        if g_ent is not None:
+            d -= g_ent[i : i + chunk, None] * p * (z - ez[i : i + chunk, None])
+        rows = torch.arange(d.shape[0], device=d.device)
+        d[rows, safe[i : i + chunk]] += g_lp[i : i + chunk]
+        dz[i : i + chunk] = d * inv_t
+    return dz
+
+
+# --------------------------------------------------------------------- triton kernels and launchers
+
+_BLOCK_V = 2048  # vocab block of the triton kernels on a GPU (74 blocks at V = 151936)
+INTERPRETER_BLOCK_V = 32
+
+if HAVE_TRITON:
+    from ._triton import fp32_ptr, i64_ptr
 
     @triton.jit
     def _logprob_fwd_kernel(
-        Z, TGT, LOGP, ENT, LSE, EZ, V, stride_zn, inv_temp, ignore_index,
-        WANT_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+        Z, TGT: i64_ptr, LOGP: fp32_ptr, ENT: fp32_ptr, LSE: fp32_ptr, EZ: fp32_ptr,
+        V: tl.int32, stride_zn: tl.int64, inv_temp: tl.float32, ignore_index: tl.int64,
+        HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         """One row: logp, entropy (if asked), lse and E[z] (fp32), all 0 at ignored rows."""
         row = tl.program_id(0).to(tl.int64)
@@ -71,7 +153,7 @@ if _HAVE_TRITON:
             tl.store(LOGP + row, 0.0)
             tl.store(LSE + row, 0.0)
             tl.store(EZ + row, 0.0)
-            if WANT_ENT:
+            if HAS_ENT:
                 tl.store(ENT + row, 0.0)
             return
         base = Z + row * stride_zn
@@ -86,7 +168,7 @@ if _HAVE_TRITON:
             alive = m_new > float("-inf")  # lanes that have seen a column yet
             alpha = tl.where(alive, tl.exp(m - m_new), 0.0)
             e = tl.where(alive, tl.exp(z - m_new), 0.0)
-            if WANT_ENT:
+            if HAS_ENT:
                 shift = tl.where(s > 0, (m - m_new) * s, 0.0)
                 a = alpha * (a + shift) + tl.where(cols < V, e * (z - m_new), 0.0)  # -inf * 0 past V
             s = alpha * s + e
@@ -98,7 +180,7 @@ if _HAVE_TRITON:
         zt = tl.load(base + tgt).to(tl.float32) * inv_temp
         tl.store(LOGP + row, tl.minimum(zt - lse, 0.0))
         tl.store(LSE + row, lse)
-        if WANT_ENT:
+        if HAS_ENT:
             asum = tl.sum(scale * (a + tl.where(s > 0, (m - mx) * s, 0.0)), axis=0)
             ez = mx + asum / ssum
             tl.store(EZ + row, ez)
@@ -106,7 +188,8 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _logprob_bwd_kernel(
-        Z, TGT, LSE, EZ, G_LP, G_ENT, DZ, V, stride_zn, stride_dn, inv_temp, ignore_index,
+        Z, TGT: i64_ptr, LSE: fp32_ptr, EZ: fp32_ptr, G_LP: fp32_ptr, G_ENT: fp32_ptr, DZ,
+        V: tl.int32, stride_zn: tl.int64, stride_dn: tl.int64, inv_temp: tl.float32, ignore_index: tl.int64,
         HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         """One row of dlogits = (g_logp (onehot - p) - g_ent p (z - E[z])) / T, in DZ's dtype."""
@@ -147,7 +230,7 @@ def _triton_forward(logits, targets, inv_t, ignore_index, want_entropy):
     if n:
         _logprob_fwd_kernel[(n,)](
             logits, targets, logp, ent, lse, ez, v, logits.stride(0), inv_t, ignore_index,
-            WANT_ENT=want_entropy, BLOCK_V=_block_v(), num_warps=8,
+            HAS_ENT=want_entropy, BLOCK_V=_block_v(), num_warps=8,
         )
     return logp, (ent if want_entropy else None), lse, ez
 
@@ -164,48 +247,7 @@ def _triton_backward(logits, targets, lse, ez, g_lp, g_ent, inv_t, ignore_index)
     return dz
 
 
-def _torch_forward(logits, targets, inv_t, ignore_index, want_entropy):
-    n, v = logits.shape
-    acc = _acc(logits.dtype)
-    valid = targets != ignore_index
-    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
-    lse = torch.empty(n, dtype=acc, device=logits.device)
-    ez = torch.zeros(n, dtype=acc, device=logits.device)
-    zt = logits.gather(1, safe[:, None]).squeeze(1).to(acc) * inv_t  # [N]
-    chunk = max(1, _CHUNK_BYTES // (4 * max(v, 1)))
-    for i in range(0, n, chunk):
-        z = logits[i : i + chunk].to(acc) * inv_t  # [C, V]
-        mx = z.amax(1, keepdim=True)
-        p = torch.sub(z, mx).exp_()
-        s = p.sum(1)
-        lse[i : i + chunk] = mx.squeeze(1) + s.log()
-        if want_entropy:
-            ez[i : i + chunk] = p.mul_(z).sum(1) / s
-    zero = torch.zeros((), dtype=acc, device=logits.device)
-    logp = torch.where(valid, torch.clamp(zt - lse, max=0.0), zero)
-    ent = torch.where(valid, torch.clamp(lse - ez, min=0.0), zero) if want_entropy else None
-    return logp, ent, torch.where(valid, lse, zero), ez
-
-
-def _torch_backward(logits, targets, lse, ez, g_lp, g_ent, inv_t, ignore_index):
-    n, v = logits.shape
-    acc = _acc(logits.dtype)
-    valid = targets != ignore_index
-    g_lp = torch.where(valid, g_lp.to(acc), 0.0)
-    g_ent = torch.where(valid, g_ent.to(acc), 0.0) if g_ent is not None else None
-    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
-    dz = torch.empty_like(logits)
-    chunk = max(1, _CHUNK_BYTES // (4 * max(v, 1)))
-    for i in range(0, n, chunk):
-        z = logits[i : i + chunk].to(acc) * inv_t  # [C, V]
-        p = torch.sub(z, lse[i : i + chunk, None]).exp_()
-        d = p * -g_lp[i : i + chunk, None]
-        if g_ent is not None:
-            d -= g_ent[i : i + chunk, None] * p * (z - ez[i : i + chunk, None])
-        rows = torch.arange(d.shape[0], device=d.device)
-        d[rows, safe[i : i + chunk]] += g_lp[i : i + chunk]
-        dz[i : i + chunk] = d * inv_t
-    return dz
+# ----------------------------------------------------------------------------------------- autograd
 
 
 class _Logprob(torch.autograd.Function):
@@ -232,62 +274,16 @@ class _Logprob(torch.autograd.Function):
         return bwd(logits, targets, lse, ez, g_lp, g_ent, ctx.inv_t, ctx.ignore_index), None, None, None, None, None
 
 
-def logprob(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
-):
-    """log softmax(logits / temperature)[target] per row.
-
-    Args:
-        logits: [N, V] float16 / bfloat16 / float32 (float64 on the torch and reference backends).
-        targets: [N] int64 (or int32) in [0, V) or `ignore_index`.
-        temperature: positive float dividing the logits.
-        return_entropy: also return the entropy [N] of each row's distribution.
-
-    Returns:
-        logp [N] float32 (float64 for float64 logits), or (logp, entropy); 0 at ignored rows;
-        differentiable w.r.t. logits through both.
-    """
-    _check_args(logits, targets, temperature, ignore_index)
-    backend = resolve_backend(logits.device)
-    if backend == "reference":
-        logp, ent = _reference(logits, targets, temperature, ignore_index, return_entropy)
-    else:
-        if backend == "triton":
-            if not _HAVE_TRITON:
-                raise RuntimeError("backend 'triton' needs the triton package, which is not installed")
-            if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-                raise TypeError(f"logits must be float16, bfloat16 or float32 on the triton backend, got {logits.dtype}")
-            if logits.stride(1) != 1:
-                logits = logits.contiguous()
-            targets = targets.long()  # the kernels read int64 ids
-        logp, ent = _Logprob.apply(logits, targets, float(temperature), ignore_index, return_entropy, backend)
-    return (logp, ent) if return_entropy else logp
+# ------------------------------------------------------------------------------- AOT configurations
 
 
 def aot_configs():
     """Every shipped Triton configuration x dtype, for ahead-of-time compilation checks."""
     from .aot import AOTKernel
 
-    out = []
-    for tdt in ("*fp32", "*bf16", "*fp16"):
-        for ent in (False, True):
-            out.append(AOTKernel(
-                name=f"logprob_fwd_{tdt[1:]}_ent{int(ent)}", fn=_logprob_fwd_kernel,
-                signature={"Z": tdt, "TGT": "*i64", "LOGP": "*fp32", "ENT": "*fp32", "LSE": "*fp32", "EZ": "*fp32",
-                           "V": "i32", "stride_zn": "i64", "inv_temp": "fp32", "ignore_index": "i64",
-                           "WANT_ENT": "constexpr", "BLOCK_V": "constexpr"},
-                constexprs=dict(WANT_ENT=ent, BLOCK_V=_BLOCK_V), num_warps=8, num_stages=1,
-            ))
-            out.append(AOTKernel(
-                name=f"logprob_bwd_{tdt[1:]}_ent{int(ent)}", fn=_logprob_bwd_kernel,
-                signature={"Z": tdt, "TGT": "*i64", "LSE": "*fp32", "EZ": "*fp32", "G_LP": "*fp32", "G_ENT": "*fp32",
-                           "DZ": tdt, "V": "i32", "stride_zn": "i64", "stride_dn": "i64", "inv_temp": "fp32",
-                           "ignore_index": "i64", "HAS_ENT": "constexpr", "BLOCK_V": "constexpr"},
-                constexprs=dict(HAS_ENT=ent, BLOCK_V=_BLOCK_V), num_warps=8, num_stages=1,
-            ))
-    return out
+    return [
+        AOTKernel(fn, dtype, dict(HAS_ENT=ent, BLOCK_V=_BLOCK_V), num_warps=8, num_stages=1)
+        for dtype in ("fp32", "bf16", "fp16")
+        for ent in (False, True)
+        for fn in (_logprob_fwd_kernel, _logprob_bwd_kernel)
+    ]

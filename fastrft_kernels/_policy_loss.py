@@ -49,7 +49,7 @@ Backends:
 - `reference`: a Python loop over sequences, TRL's formulas verbatim on each, float64 for float64
   logp; gradients by autograd. The spec.
 - `torch`: vectorized segment sums (`index_add`), fp32 (float64 for float64 logp), autograd.
-- `triton`: a `torch.autograd.Function` over one kernel, `_policy_loss_kernel`, launched twice with
+- `triton`: a `torch.autograd.Function` over one kernel, `_policy_loss_fwd_kernel`, launched twice with
   one program per sequence looping its tokens in blocks of 512. Phase 0 (segmented reduction):
   the valid count and sum of log-ratios (sequence level: the sequence's ratio), then the
   sequence's sums of the per-token loss, of R_s = sum of dL_u/dc_s (the part of the gradient a
@@ -59,26 +59,23 @@ Backends:
   clamp's bounds inclusive, min's ties split half and half, as autograd of the reference gives),
   KL and normalizer; at the sequence level g_t also gets ν_s c_s R_s m_t / max(n_s, 1). Backward is
   `grad_out * g`. Both phases share one copy of the per-token algebra, so the loss and its
-  gradient cannot drift apart (and Triton helpers, which the AOT gate would list as kernels, are
-  not needed). One program per sequence leaves SMs idle when S < 132, but the work is O(T)
-  elementwise on [T] vectors (microseconds at T = 64k), next to an LM head of O(T V H).
+  gradient cannot drift apart. One program per sequence leaves SMs idle when S < 132, but the
+  work is O(T) elementwise on [T] vectors (microseconds at T = 64k), next to an LM head of
+  O(T V H).
 
 `policy_loss_with_grad(...)` (internal; same arguments, plus `validate`) returns (loss, stats,
 g_logp [T] fp32) with g_logp = d loss / d logp for every backend (torch and reference: autograd on
 a detached leaf; triton: phase 1 of the kernel). The fused LM-head loss consumes g_logp.
 """
 
-from __future__ import annotations
-
 import math
 
 import torch
-import triton
-import triton.language as tl
 
-from ._backend import interpreting, resolve_backend
-from ._checks import check_cu_seqlens, check_same_device, check_tensor
+from ._backend import resolve_backend
+from ._checks import acc_dtype, check_config, check_loss_args, check_tensor
 from ._loss_config import LossConfig
+from ._triton import HAVE_TRITON, kernel_output, tl, triton
 
 STAT_NAMES = (
     "clip_ratio/low_mean",
@@ -90,6 +87,10 @@ STAT_NAMES = (
 )
 
 _CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+
+# --------------------------------------------------------------------------------------- public API
 
 
 def policy_loss(
@@ -160,7 +161,7 @@ def policy_loss_with_grad(
     if backend == "triton":
         return _triton_forward(logp, *args, need_grad=True)
     fn = _reference if backend == "reference" else _torch_loss
-    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    dtype = acc_dtype(logp.dtype)
     leaf = logp.detach().to(dtype).requires_grad_(True)  # [T]
     with torch.enable_grad():
         loss, stats = fn(leaf, *args)
@@ -170,110 +171,32 @@ def policy_loss_with_grad(
     return loss.detach(), stats, g
 
 
-# ------------------------------------------------------------------------------------------- checks
+# ---------------------------------------------------------------------------------- argument checks
 
 
 def _validate(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config):
-    if not isinstance(config, LossConfig):
-        raise TypeError(f"config must be a fastrft_kernels.LossConfig, got {type(config).__name__}")
+    check_config(config)
     check_tensor("logp", logp, ndim=1, float_=True)
     T = logp.numel()
-    check_cu_seqlens(cu_seqlens, T)
-    S = cu_seqlens.numel() - 1
-    check_tensor("advantages", advantages, ndim=1, float_=True)
-    if advantages.numel() not in (S, T):
-        raise ValueError(
-            f"advantages must hold one value per sequence (S={S}) or per token (T={T}), got {advantages.numel()}"
-        )
-    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy),
-                    ("importance_sampling_ratio", isr)):
-        if x is not None:
-            check_tensor(name, x, ndim=1, float_=True)
-            if x.numel() != T:
-                raise ValueError(f"{name} must have one value per token (T={T}), got {x.numel()}")
     if mask is not None:
         check_tensor("mask", mask, ndim=1, dtype=torch.bool)
         if mask.numel() != T:
             raise ValueError(f"mask must have one value per token (T={T}), got {mask.numel()}")
-    if config.beta > 0 and ref_logp is None:
-        raise ValueError(f"ref_logp is required when config.beta > 0 (the KL penalty), got beta={config.beta} and "
-                         "ref_logp=None")
+    per_token = dict(old_logp=old_logp, ref_logp=ref_logp, entropy=entropy, importance_sampling_ratio=isr)
+    check_loss_args(config, T, advantages, cu_seqlens, per_token=per_token, logp=logp, mask=mask)
     if config.top_entropy_quantile < 1.0 and entropy is None:
         raise ValueError(
             f"entropy (T,) is required when config.top_entropy_quantile < 1 (got {config.top_entropy_quantile}): "
             "the high-entropy token mask is computed from it"
         )
-    check_same_device(logp=logp, advantages=advantages, cu_seqlens=cu_seqlens, old_logp=old_logp,
-                      ref_logp=ref_logp, entropy=entropy, importance_sampling_ratio=isr, mask=mask)
 
 
-# ------------------------------------------------------------------------------------------- shared helpers
-
-
-def _high_entropy_mask(entropy, valid, quantile):
-    """TRL's `get_high_entropy_mask` (one process) without a host sync: tokens whose entropy is at
-    least the (1 - quantile) quantile of the valid tokens' entropies, valid tokens only.
-
-    torch.quantile needs the valid entries as their own tensor (a boolean index: a host sync);
-    instead invalid entries sort last as +inf and the rank (1 - q)(n - 1) of torch's linear
-    interpolation is formed on the device, in the same dtype and order of operations, so the
-    threshold is bit-identical to TRL's.
-    """
-    e = entropy.detach()  # [T]
-    e32 = e.float()  # [T] TRL takes the quantile in fp32 (`.float()`) and compares in the input dtype
-    T = e.numel()
-    if T == 0:
-        return valid.clone()
-    ordered = torch.sort(torch.where(valid, e32, torch.full_like(e32, math.inf))).values  # [T], valid first
-    last = (valid.sum() - 1).to(torch.float32)  # n - 1 (-1 when no token is valid: all-False mask below)
-    # fp32(n - 1) * fp32(1 - q), as torch.quantile's `q * last_index` (a Python scalar: no copy to the device)
-    rank = (last * (1.0 - quantile)).clamp(min=0)  # 0-dim
-    below = rank.long().clamp(max=T - 1).reshape(1)  # [1]
-    above = rank.ceil().long().clamp(max=T - 1).reshape(1)  # [1]
-    threshold = torch.lerp(ordered.index_select(0, below), ordered.index_select(0, above), rank - below)  # [1]
-    return ((e * valid) >= threshold) & valid  # [T]
-
-
-def _segment_ids(cu_seqlens, T):
-    """(T,) int64 sequence index of each token, on the device (empty sequences own no token)."""
-    pos = torch.arange(T, dtype=torch.int32, device=cu_seqlens.device)  # [T]
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True)  # [T]
-
-
-def _normalizers(config, n_seq, dtype):
-    """ν_s (S,): the weight of sequence s's sum of m L in the loss (TRL's normalizers).
-
-    Host numbers enter as fills (torch.full), never as host-to-device copies: a pageable copy
-    waits for the device.
-    """
-    S = n_seq.numel()
-    S1 = max(S, 1)
-    lt = config.loss_type
-    full = lambda value: torch.full((S,), value, dtype=dtype, device=n_seq.device)  # noqa: E731
-    if lt in ("grpo", "sapo"):
-        return 1.0 / (S1 * n_seq.clamp(min=1))
-    if lt == "dr_grpo":
-        return full(1.0 / (S1 * config.max_completion_length))
-    if lt == "luspo":
-        return full(1.0 / S1)
-    items = config.num_items_in_batch if lt in ("dapo", "cispo") else None  # bnpo: the valid tokens
-    if items is None:
-        return (1.0 / n_seq.sum().clamp(min=1)).expand(S)
-    if isinstance(items, torch.Tensor):
-        return (1.0 / items.to(device=n_seq.device, dtype=dtype).clamp(min=1)).expand(S)
-    return full(1.0 / max(float(items), 1.0))
-
-
-def _nan(dtype, device):
-    return torch.full((), math.nan, dtype=dtype, device=device)
-
-
-# ------------------------------------------------------------------------------------------- reference
+# ---------------------------------------------------------------------------------------- reference
 
 
 def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config):
     """The spec: TRL's `_compute_loss` formulas applied one sequence at a time."""
-    dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    dt = acc_dtype(logp.dtype)
     device = logp.device
     T = logp.numel()
     cu = cu_seqlens.tolist()
@@ -395,12 +318,12 @@ def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, m
     return loss, {k: stats[k] for k in STAT_NAMES}
 
 
-# ------------------------------------------------------------------------------------------- torch
+# --------------------------------------------------------------------------------------- torch path
 
 
 def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config):
     """Vectorized over tokens and sequences (segment sums with index_add), differentiable in logp."""
-    dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    dt = acc_dtype(logp.dtype)
     device = logp.device
     T = logp.numel()
     S = cu_seqlens.numel() - 1
@@ -470,19 +393,8 @@ def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, 
     if low is None:
         for k in STAT_NAMES[:3]:
             stats[k] = _nan(dt, device)
-    elif seq_level and per_seq_adv:  # TRL's (B, 1) case: one flag per sequence, mean over S
-        c1_s = torch.exp(log_w_seq.detach())  # [S]
-        if config.loss_type == "cispo":
-            lo_s = torch.zeros(S, dtype=torch.bool, device=device)
-            hi_s = (c1_s > eps_high) & (adv > 0)
-        else:
-            cap_s = c1_s if config.delta is None else c1_s.clamp(max=config.delta)
-            lo_s = (cap_s < 1 - eps_low) & (adv < 0)
-            hi_s = (cap_s > 1 + eps_high) & (adv > 0)
-        S1 = max(S, 1)
-        stats["clip_ratio/low_mean"] = lo_s.to(dt).sum() / S1
-        stats["clip_ratio/high_mean"] = hi_s.to(dt).sum() / S1
-        stats["clip_ratio/region_mean"] = (lo_s | hi_s).to(dt).sum() / S1
+    elif seq_level and per_seq_adv:  # TRL's (B, 1) case
+        stats.update(_sequence_clip_stats(torch.exp(log_w_seq.detach()), adv, config, dt))
     else:
         stats["clip_ratio/low_mean"] = (low.to(dt) * mf).sum() / Nc
         stats["clip_ratio/high_mean"] = (high.to(dt) * mf).sum() / Nc
@@ -498,184 +410,268 @@ def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, 
     return loss, {k: stats[k] for k in STAT_NAMES}
 
 
-# ------------------------------------------------------------------------------------------- triton
+def _sequence_clip_stats(c_seq, adv, config, dtype):
+    """TRL's clip fractions in its (B, 1) case (a sequence-level ratio and one advantage per
+    sequence): one flag per sequence, a mean over the S sequences. c_seq [S]: the sequence
+    ratios before the delta cap; adv [S]. Shared by the torch path and the triton launcher."""
+    S = c_seq.numel()
+    if config.loss_type == "cispo":
+        lo = torch.zeros(S, dtype=torch.bool, device=c_seq.device)  # [S] cispo has no lower clip
+        hi = (c_seq > config.epsilon_high) & (adv > 0)  # [S]
+    else:
+        cap = c_seq if config.delta is None else c_seq.clamp(max=config.delta)  # [S]
+        lo = (cap < 1 - config.epsilon_low) & (adv < 0)
+        hi = (cap > 1 + config.epsilon_high) & (adv > 0)
+    S1 = max(S, 1)
+    return {
+        "clip_ratio/low_mean": lo.to(dtype).sum() / S1,
+        "clip_ratio/high_mean": hi.to(dtype).sum() / S1,
+        "clip_ratio/region_mean": (lo | hi).to(dtype).sum() / S1,
+    }
+
+
+def _high_entropy_mask(entropy, valid, quantile):
+    """TRL's `get_high_entropy_mask` (one process) without a host sync: tokens whose entropy is at
+    least the (1 - quantile) quantile of the valid tokens' entropies, valid tokens only.
+
+    torch.quantile needs the valid entries as their own tensor (a boolean index: a host sync);
+    instead invalid entries sort last as +inf and the rank (1 - q)(n - 1) of torch's linear
+    interpolation is formed on the device, in the same dtype and order of operations, so the
+    threshold is bit-identical to TRL's.
+    """
+    e = entropy.detach()  # [T]
+    e32 = e.float()  # [T] TRL takes the quantile in fp32 (`.float()`) and compares in the input dtype
+    T = e.numel()
+    if T == 0:
+        return valid.clone()
+    ordered = torch.sort(torch.where(valid, e32, torch.full_like(e32, math.inf))).values  # [T], valid first
+    last = (valid.sum() - 1).to(torch.float32)  # n - 1 (-1 when no token is valid: all-False mask below)
+    # fp32(n - 1) * fp32(1 - q), as torch.quantile's `q * last_index` (a Python scalar: no copy to the device)
+    rank = (last * (1.0 - quantile)).clamp(min=0)  # 0-dim
+    below = rank.long().clamp(max=T - 1).reshape(1)  # [1]
+    above = rank.ceil().long().clamp(max=T - 1).reshape(1)  # [1]
+    threshold = torch.lerp(ordered.index_select(0, below), ordered.index_select(0, above), rank - below)  # [1]
+    return ((e * valid) >= threshold) & valid  # [T]
+
+
+def _segment_ids(cu_seqlens, T):
+    """(T,) int64 sequence index of each token, on the device (empty sequences own no token)."""
+    pos = torch.arange(T, dtype=torch.int32, device=cu_seqlens.device)  # [T]
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True)  # [T]
+
+
+def _normalizers(config, n_seq, dtype):
+    """ν_s (S,): the weight of sequence s's sum of m L in the loss (TRL's normalizers).
+
+    Host numbers enter as fills (torch.full), never as host-to-device copies: a pageable copy
+    waits for the device.
+    """
+    S = n_seq.numel()
+    S1 = max(S, 1)
+    lt = config.loss_type
+    full = lambda value: torch.full((S,), value, dtype=dtype, device=n_seq.device)  # noqa: E731
+    if lt in ("grpo", "sapo"):
+        return 1.0 / (S1 * n_seq.clamp(min=1))
+    if lt == "dr_grpo":
+        return full(1.0 / (S1 * config.max_completion_length))
+    if lt == "luspo":
+        return full(1.0 / S1)
+    items = config.num_items_in_batch if lt in ("dapo", "cispo") else None  # bnpo: the valid tokens
+    if items is None:
+        return (1.0 / n_seq.sum().clamp(min=1)).expand(S)
+    if isinstance(items, torch.Tensor):
+        return (1.0 / items.to(device=n_seq.device, dtype=dtype).clamp(min=1)).expand(S)
+    return full(1.0 / max(float(items), 1.0))
+
+
+def _nan(dtype, device):
+    return torch.full((), math.nan, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------- triton kernels and launchers
 
 _POLICY_CODE = {"cispo": 1, "sapo": 2}  # every other loss type is the clip objective (0)
 _KL_CODE = {"k1": 1, "k2": 2, "k3": 3}
-_NCOL = 8  # columns of the per-sequence output of phase 0, see _policy_loss_kernel
+_NCOL = 8  # columns of the per-sequence output of phase 0, see _policy_loss_fwd_kernel
 _BLOCK = 512  # tokens per loop step of a sequence program (completions run 100s-10,000s of tokens)
 
 
-@triton.jit
-def _policy_loss_kernel(
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, isr_ptr, emask_ptr, mask_ptr,  # [T] each (adv: [S] or [T])
-    cu_ptr,  # [S + 1] int32
-    seq_ptr,  # [S, NCOL] fp32, phase 0 out: n, mean log-ratio, sum mL, R = sum m dL/dc, sum mK, low, high, sum mc
-    coef_ptr,  # [S, 3] fp32, phase 1 in: ν_s, c_s (sequence ratio), ν_s c_s R_s / max(n_s, 1)
-    g_ptr,  # [T] fp32, phase 1 out: d loss / d logp
-    eps_low, eps_high, delta, beta, tau_pos, tau_neg,
-    PHASE: tl.constexpr,  # 0: per-sequence sums; 1: per-token gradient
-    POLICY: tl.constexpr,  # 0 clip, 1 cispo, 2 sapo
-    SEQ_LEVEL: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_IN_LOSS: tl.constexpr,
-    KL_EST: tl.constexpr, BIAS_CORR: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_EMASK: tl.constexpr, HAS_ISR: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
-    NCOL: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """One program per sequence, looping its tokens in blocks. The two phases share the per-token
-    algebra (one copy of it, so the loss and its gradient cannot drift apart)."""
-    s = tl.program_id(0)
-    start = tl.load(cu_ptr + s).to(tl.int64)
-    end = tl.load(cu_ptr + s + 1).to(tl.int64)
-    arange = tl.arange(0, BLOCK)
-    if ADV_PER_TOKEN:
-        seq_adv = 0.0
-    else:
-        seq_adv = tl.load(adv_ptr + s).to(tl.float32)
-    mean_lr = 0.0
-    c_seq = 1.0
-    nu = 1.0
-    g_seq = 0.0
-    if PHASE == 0:
-        if SEQ_LEVEL:
-            # pass 1: valid count and sum of log-ratios -> the sequence's ratio (GSPO)
-            n1 = tl.zeros([BLOCK], dtype=tl.float32)
-            lr1 = tl.zeros([BLOCK], dtype=tl.float32)
-            for i in range(start, end, BLOCK):
-                offs = i + arange
-                valid = offs < end
-                if HAS_MASK:
-                    valid = valid & (tl.load(mask_ptr + offs, mask=valid, other=0) != 0)
-                lp = tl.load(logp_ptr + offs, mask=valid, other=0.0)
-                if HAS_OLD:
-                    lr1 += lp - tl.load(old_ptr + offs, mask=valid, other=0.0)
-                n1 += valid.to(tl.float32)
-            mean_lr = tl.sum(lr1, axis=0) / tl.maximum(tl.sum(n1, axis=0), 1.0)
-            c_seq = tl.exp(mean_lr)
-    else:
-        nu = tl.load(coef_ptr + s * 3)
-        c_seq = tl.load(coef_ptr + s * 3 + 1)
-        g_seq = tl.load(coef_ptr + s * 3 + 2)
-    n_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    r_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    kl_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    low_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    high_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    c_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(start, end, BLOCK):
-        offs = i + arange
-        inb = offs < end
-        valid = inb
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + offs, mask=inb, other=0) != 0)
-        # masked-out tokens read lp = old = ref = 0 and isr = 1: whatever they hold never reaches an exp
-        lp = tl.load(logp_ptr + offs, mask=valid, other=0.0)
-        zero = tl.zeros_like(lp)
-        one = zero + 1.0
+if HAVE_TRITON:
+    from ._triton import fp32_ptr, i32_ptr, i8_ptr
+
+    @triton.jit
+    def _policy_loss_fwd_kernel(
+        # [T] each (adv: [S] or [T]), cast to fp32 by the launcher
+        logp_ptr: fp32_ptr, old_ptr: fp32_ptr, ref_ptr: fp32_ptr, adv_ptr: fp32_ptr, isr_ptr: fp32_ptr,
+        emask_ptr: i8_ptr, mask_ptr: i8_ptr,  # [T] bool masks viewed as int8
+        cu_ptr: i32_ptr,  # [S + 1]
+        seq_ptr: fp32_ptr,  # [S, NCOL], phase 0 out: n, mean log-ratio, sum mL, R = sum m dL/dc, sum mK, low, high, sum mc
+        coef_ptr: fp32_ptr,  # [S, 3], phase 1 in: ν_s, c_s (sequence ratio), ν_s c_s R_s / max(n_s, 1)
+        g_ptr: fp32_ptr,  # [T], phase 1 out: d loss / d logp
+        eps_low: tl.float32, eps_high: tl.float32, delta: tl.float32, beta: tl.float32,
+        tau_pos: tl.float32, tau_neg: tl.float32,
+        PHASE: tl.constexpr,  # 0: per-sequence sums; 1: per-token gradient
+        POLICY: tl.constexpr,  # 0 clip, 1 cispo, 2 sapo
+        SEQ_LEVEL: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_IN_LOSS: tl.constexpr,
+        KL_EST: tl.constexpr, BIAS_CORR: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_MASK: tl.constexpr,
+        HAS_EMASK: tl.constexpr, HAS_ISR: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
+        NCOL: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """One program per sequence, looping its tokens in blocks. The two phases share the per-token
+        algebra (one copy of it, so the loss and its gradient cannot drift apart)."""
+        s = tl.program_id(0)
+        start = tl.load(cu_ptr + s).to(tl.int64)
+        end = tl.load(cu_ptr + s + 1).to(tl.int64)
+        arange = tl.arange(0, BLOCK)
         if ADV_PER_TOKEN:
-            A = tl.load(adv_ptr + offs, mask=valid, other=0.0)
+            seq_adv = 0.0
         else:
-            A = zero + seq_adv
-        w = one  # entropy mask x IS ratio: weights of the policy term only (TRL's order)
-        if HAS_ISR:
-            w = tl.load(isr_ptr + offs, mask=valid, other=1.0)
-        if HAS_EMASK:
-            w = tl.where(tl.load(emask_ptr + offs, mask=valid, other=0) != 0, w, 0.0)
-        if SEQ_LEVEL:
-            c1 = zero + c_seq
-        elif HAS_OLD:
-            c1 = tl.exp(lp - tl.load(old_ptr + offs, mask=valid, other=0.0))
-        else:
-            c1 = one  # exp(logp - logp.detach())
-        # policy term P, dP/dc (through the ratio) and dP/dlogp at a fixed ratio (cispo)
-        if POLICY == 0:
-            c2 = tl.minimum(tl.maximum(c1, 1.0 - eps_low), 1.0 + eps_high)
-            if HAS_DELTA:
-                cap = tl.minimum(c1, delta)
-                g_cap = tl.where(c1 <= delta, one, zero)  # clamp's gradient: bound inclusive
-            else:
-                cap = c1
-                g_cap = one
-            g_c2 = tl.where((c1 >= 1.0 - eps_low) & (c1 <= 1.0 + eps_high), one, zero)
-            a = cap * A
-            b = c2 * A
-            P = -tl.minimum(a, b)
-            # torch.min's subgradient: the smaller side gets it; a tie (on-policy: always) splits it
-            dP = -A * tl.where(a < b, g_cap, tl.where(a > b, g_c2, 0.5 * (g_cap + g_c2)))
-            dP_direct = zero
-            low = (cap < 1.0 - eps_low) & (A < 0.0)
-            high = (cap > 1.0 + eps_high) & (A > 0.0)
-        elif POLICY == 1:
-            capped = tl.minimum(c1, eps_high)  # detached in TRL: no gradient through the ratio
-            P = -capped * A * lp
-            dP = zero
-            dP_direct = -capped * A
-            low = zero > 0.0  # cispo has no lower clip: all False
-            high = (c1 > eps_high) & (A > 0.0)
-        else:
-            tau = tl.where(A > 0.0, tau_pos, tau_neg)
-            sg = tl.sigmoid(tau * (c1 - 1.0))
-            P = -sg * 4.0 / tau * A
-            dP = -4.0 * A * sg * (1.0 - sg)
-            dP_direct = zero
-            low = zero > 0.0  # no hard clip in sapo: its clip statistics are NaN (set on the host side)
-            high = low
-        # KL estimate k, its derivative at a fixed ratio, and the bias-corrected K = k c
-        k = zero
-        dk = zero
-        if HAS_REF:
-            d = tl.load(ref_ptr + offs, mask=valid, other=0.0) - lp
-            if KL_EST == 1:
-                k = -d
-                dk = one
-            elif KL_EST == 2:
-                k = 0.5 * d * d
-                dk = -d
-            else:
-                ed = tl.exp(d)
-                k = ed - d - 1.0
-                dk = 1.0 - ed
-        K = k
-        dK = dk
-        if BIAS_CORR:
-            K = k * c1
-            dK = dk * c1
+            seq_adv = tl.load(adv_ptr + s).to(tl.float32)
+        mean_lr = 0.0
+        c_seq = 1.0
+        nu = 1.0
+        g_seq = 0.0
         if PHASE == 0:
-            L = P * w
-            if KL_IN_LOSS:
-                L += beta * K
-            n_acc += valid.to(tl.float32)
-            loss_acc += tl.where(valid, L, 0.0)
             if SEQ_LEVEL:
-                r = dP * w
-                if KL_IN_LOSS and BIAS_CORR:
-                    r += beta * k
-                r_acc += tl.where(valid, r, 0.0)
-            kl_acc += tl.where(valid, K, 0.0)
-            low_acc += (low & valid).to(tl.float32)
-            high_acc += (high & valid).to(tl.float32)
-            c_acc += tl.where(valid, c1, 0.0)
+                # pass 1: valid count and sum of log-ratios -> the sequence's ratio (GSPO)
+                n1 = tl.zeros([BLOCK], dtype=tl.float32)
+                lr1 = tl.zeros([BLOCK], dtype=tl.float32)
+                for i in range(start, end, BLOCK):
+                    offs = i + arange
+                    valid = offs < end
+                    if HAS_MASK:
+                        valid = valid & (tl.load(mask_ptr + offs, mask=valid, other=0) != 0)
+                    lp = tl.load(logp_ptr + offs, mask=valid, other=0.0)
+                    if HAS_OLD:
+                        lr1 += lp - tl.load(old_ptr + offs, mask=valid, other=0.0)
+                    n1 += valid.to(tl.float32)
+                mean_lr = tl.sum(lr1, axis=0) / tl.maximum(tl.sum(n1, axis=0), 1.0)
+                c_seq = tl.exp(mean_lr)
         else:
-            g = dP_direct * w
-            if not SEQ_LEVEL:
-                g += dP * w * c1  # d c / d logp = c at the token level
-            if KL_IN_LOSS:
-                g += beta * dK
-                if BIAS_CORR and not SEQ_LEVEL:
-                    g += beta * k * c1
-            # the sequence ratio's share: d c_s / d logp_t = c_s m_t / max(n_s, 1), summed over s
-            g = nu * g + g_seq
-            tl.store(g_ptr + offs, tl.where(valid, g, 0.0), mask=inb)
-    if PHASE == 0:
-        row = seq_ptr + s.to(tl.int64) * NCOL
-        tl.store(row + 0, tl.sum(n_acc, axis=0))
-        tl.store(row + 1, mean_lr)
-        tl.store(row + 2, tl.sum(loss_acc, axis=0))
-        tl.store(row + 3, tl.sum(r_acc, axis=0))
-        tl.store(row + 4, tl.sum(kl_acc, axis=0))
-        tl.store(row + 5, tl.sum(low_acc, axis=0))
-        tl.store(row + 6, tl.sum(high_acc, axis=0))
-        tl.store(row + 7, tl.sum(c_acc, axis=0))
+            nu = tl.load(coef_ptr + s * 3)
+            c_seq = tl.load(coef_ptr + s * 3 + 1)
+            g_seq = tl.load(coef_ptr + s * 3 + 2)
+        n_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        r_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        kl_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        low_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        high_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        c_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(start, end, BLOCK):
+            offs = i + arange
+            inb = offs < end
+            valid = inb
+            if HAS_MASK:
+                valid = valid & (tl.load(mask_ptr + offs, mask=inb, other=0) != 0)
+            # masked-out tokens read lp = old = ref = 0 and isr = 1: whatever they hold never reaches an exp
+            lp = tl.load(logp_ptr + offs, mask=valid, other=0.0)
+            zero = tl.zeros_like(lp)
+            one = zero + 1.0
+            if ADV_PER_TOKEN:
+                A = tl.load(adv_ptr + offs, mask=valid, other=0.0)
+            else:
+                A = zero + seq_adv
+            w = one  # entropy mask x IS ratio: weights of the policy term only (TRL's order)
+            if HAS_ISR:
+                w = tl.load(isr_ptr + offs, mask=valid, other=1.0)
+            if HAS_EMASK:
+                w = tl.where(tl.load(emask_ptr + offs, mask=valid, other=0) != 0, w, 0.0)
+            if SEQ_LEVEL:
+                c1 = zero + c_seq
+            elif HAS_OLD:
+                c1 = tl.exp(lp - tl.load(old_ptr + offs, mask=valid, other=0.0))
+            else:
+                c1 = one  # exp(logp - logp.detach())
+            # policy term P, dP/dc (through the ratio) and dP/dlogp at a fixed ratio (cispo)
+            if POLICY == 0:
+                c2 = tl.minimum(tl.maximum(c1, 1.0 - eps_low), 1.0 + eps_high)
+                if HAS_DELTA:
+                    cap = tl.minimum(c1, delta)
+                    g_cap = tl.where(c1 <= delta, one, zero)  # clamp's gradient: bound inclusive
+                else:
+                    cap = c1
+                    g_cap = one
+                g_c2 = tl.where((c1 >= 1.0 - eps_low) & (c1 <= 1.0 + eps_high), one, zero)
+                a = cap * A
+                b = c2 * A
+                P = -tl.minimum(a, b)
+                # torch.min's subgradient: the smaller side gets it; a tie (on-policy: always) splits it
+                dP = -A * tl.where(a < b, g_cap, tl.where(a > b, g_c2, 0.5 * (g_cap + g_c2)))
+                dP_direct = zero
+                low = (cap < 1.0 - eps_low) & (A < 0.0)
+                high = (cap > 1.0 + eps_high) & (A > 0.0)
+            elif POLICY == 1:
+                capped = tl.minimum(c1, eps_high)  # detached in TRL: no gradient through the ratio
+                P = -capped * A * lp
+                dP = zero
+                dP_direct = -capped * A
+                low = zero > 0.0  # cispo has no lower clip: all False
+                high = (c1 > eps_high) & (A > 0.0)
+            else:
+                tau = tl.where(A > 0.0, tau_pos, tau_neg)
+                sg = tl.sigmoid(tau * (c1 - 1.0))
+                P = -sg * 4.0 / tau * A
+                dP = -4.0 * A * sg * (1.0 - sg)
+                dP_direct = zero
+                low = zero > 0.0  # no hard clip in sapo: its clip statistics are NaN (set on the host side)
+                high = low
+            # KL estimate k, its derivative at a fixed ratio, and the bias-corrected K = k c
+            k = zero
+            dk = zero
+            if HAS_REF:
+                d = tl.load(ref_ptr + offs, mask=valid, other=0.0) - lp
+                if KL_EST == 1:
+                    k = -d
+                    dk = one
+                elif KL_EST == 2:
+                    k = 0.5 * d * d
+                    dk = -d
+                else:
+                    ed = tl.exp(d)
+                    k = ed - d - 1.0
+                    dk = 1.0 - ed
+            K = k
+            dK = dk
+            if BIAS_CORR:
+                K = k * c1
+                dK = dk * c1
+            if PHASE == 0:
+                L = P * w
+                if KL_IN_LOSS:
+                    L += beta * K
+                n_acc += valid.to(tl.float32)
+                loss_acc += tl.where(valid, L, 0.0)
+                if SEQ_LEVEL:
+                    r = dP * w
+                    if KL_IN_LOSS and BIAS_CORR:
+                        r += beta * k
+                    r_acc += tl.where(valid, r, 0.0)
+                kl_acc += tl.where(valid, K, 0.0)
+                low_acc += (low & valid).to(tl.float32)
+                high_acc += (high & valid).to(tl.float32)
+                c_acc += tl.where(valid, c1, 0.0)
+            else:
+                g = dP_direct * w
+                if not SEQ_LEVEL:
+                    g += dP * w * c1  # d c / d logp = c at the token level
+                if KL_IN_LOSS:
+                    g += beta * dK
+                    if BIAS_CORR and not SEQ_LEVEL:
+                        g += beta * k * c1
+                # the sequence ratio's share: d c_s / d logp_t = c_s m_t / max(n_s, 1), summed over s
+                g = nu * g + g_seq
+                tl.store(g_ptr + offs, tl.where(valid, g, 0.0), mask=inb)
+        if PHASE == 0:
+            row = seq_ptr + s.to(tl.int64) * NCOL
+            tl.store(row + 0, tl.sum(n_acc, axis=0))
+            tl.store(row + 1, mean_lr)
+            tl.store(row + 2, tl.sum(loss_acc, axis=0))
+            tl.store(row + 3, tl.sum(r_acc, axis=0))
+            tl.store(row + 4, tl.sum(kl_acc, axis=0))
+            tl.store(row + 5, tl.sum(low_acc, axis=0))
+            tl.store(row + 6, tl.sum(high_acc, axis=0))
+            tl.store(row + 7, tl.sum(c_acc, axis=0))
 
 
 def _flags(config, ref_logp, isr, mask, advantages, T, S):
@@ -722,9 +718,8 @@ def _triton_forward(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, i
     delta = float(config.delta) if config.delta is not None else 0.0
     scalars = (float(config.epsilon_low), float(config.epsilon_high), delta, float(config.beta),
                float(config.sapo_temperature_pos), float(config.sapo_temperature_neg))
-    alloc = torch.full if interpreting() else _empty  # poisoned under the interpreter (the tests)
-    seq = alloc((S, _NCOL), math.nan, dtype=torch.float32, device=device)  # [S, 8]
-    launch = lambda phase, coef, g: _policy_loss_kernel[(S,)](  # noqa: E731
+    seq = kernel_output((S, _NCOL), dtype=torch.float32, device=device)  # [S, 8]
+    launch = lambda phase, coef, g: _policy_loss_fwd_kernel[(S,)](  # noqa: E731
         *ptrs, cu, seq, coef, g, *scalars, PHASE=phase, HAS_OLD=old is not None, NCOL=_NCOL,
         BLOCK=_BLOCK, num_warps=4, **flags,
     )
@@ -743,17 +738,8 @@ def _triton_forward(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, i
     if config.loss_type == "sapo":
         for k in STAT_NAMES[:3]:
             stats[k] = _nan(torch.float32, device)
-    elif seq_level and not flags["ADV_PER_TOKEN"]:  # one flag per sequence, mean over S (TRL's (B, 1))
-        if config.loss_type == "cispo":
-            lo_s = torch.zeros(S, dtype=torch.bool, device=device)
-            hi_s = (c_seq > config.epsilon_high) & (adv > 0)
-        else:
-            cap = c_seq if config.delta is None else c_seq.clamp(max=config.delta)
-            lo_s = (cap < 1 - config.epsilon_low) & (adv < 0)
-            hi_s = (cap > 1 + config.epsilon_high) & (adv > 0)
-        stats["clip_ratio/low_mean"] = lo_s.float().sum() / S1
-        stats["clip_ratio/high_mean"] = hi_s.float().sum() / S1
-        stats["clip_ratio/region_mean"] = (lo_s | hi_s).float().sum() / S1
+    elif seq_level and not flags["ADV_PER_TOKEN"]:  # TRL's (B, 1) case
+        stats.update(_sequence_clip_stats(c_seq, adv, config, torch.float32))
     else:
         lo, hi = seq[:, 5].sum(), seq[:, 6].sum()
         stats["clip_ratio/low_mean"] = lo / Nc
@@ -769,14 +755,13 @@ def _triton_forward(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, i
         return loss, stats, None
 
     coef = torch.stack([nu, c_seq, nu * c_seq * seq[:, 3] / n_seq.clamp(min=1)], dim=1).contiguous()  # [S, 3]
-    g = alloc((T,), math.nan, dtype=torch.float32, device=device)  # [T]
+    g = kernel_output((T,), dtype=torch.float32, device=device)  # [T]
     if S > 0:
         launch(1, coef, g)
     return loss, stats, g
 
 
-def _empty(shape, fill, *, dtype, device):
-    return torch.empty(shape, dtype=dtype, device=device)
+# ----------------------------------------------------------------------------------------- autograd
 
 
 class _PolicyLossFunction(torch.autograd.Function):
@@ -800,37 +785,30 @@ class _PolicyLossFunction(torch.autograd.Function):
         return (grad_loss * g).to(ctx.logp_dtype), None, None, None, None, None, None, None, None
 
 
+# ------------------------------------------------------------------------------- AOT configurations
+
+
 def aot_configs():
-    """Every shipped configuration of the two kernels, for ahead-of-time compilation (aot.py).
+    """Every shipped configuration of the kernel, for ahead-of-time compilation (aot.py).
 
     The launcher casts per-token inputs to fp32 (every producer in this package returns fp32
-    log-probabilities; a cast of a [T] vector is at most 4T bytes), so fp32 is the only dtype
-    compiled. One entry per objective (clip, cispo, sapo) and level, with every optional input
-    present and the heaviest KL (k3, bias-corrected) and delta: the most live registers.
+    log-probabilities; a cast of a [T] vector is at most 4T bytes): every pointer has its own
+    type. One entry per phase, objective (clip, cispo, sapo) and level, with every optional
+    input present and the heaviest KL (k3, bias-corrected) and delta: the most live registers.
     """
     from .aot import AOTKernel
 
-    signature = {
-        "logp_ptr": "*fp32", "old_ptr": "*fp32", "ref_ptr": "*fp32", "adv_ptr": "*fp32", "isr_ptr": "*fp32",
-        "emask_ptr": "*i8", "mask_ptr": "*i8", "cu_ptr": "*i32", "seq_ptr": "*fp32", "coef_ptr": "*fp32",
-        "g_ptr": "*fp32",
-        **{k: "fp32" for k in ("eps_low", "eps_high", "delta", "beta", "tau_pos", "tau_neg")},
-        **{k: "constexpr" for k in ("PHASE", "POLICY", "SEQ_LEVEL", "HAS_OLD", "HAS_REF", "KL_IN_LOSS", "KL_EST",
-                                    "BIAS_CORR", "HAS_DELTA", "HAS_MASK", "HAS_EMASK", "HAS_ISR", "ADV_PER_TOKEN",
-                                    "NCOL", "BLOCK")},
-    }
-    configs = []
-    for phase, pname in ((0, "sums"), (1, "grad")):
-        for policy, objective in ((0, "clip"), (1, "cispo"), (2, "sapo")):
-            for seq_level in (False, True):
-                constexprs = dict(
-                    PHASE=phase, POLICY=policy, SEQ_LEVEL=seq_level, HAS_OLD=True, HAS_REF=True, KL_IN_LOSS=True,
-                    KL_EST=3, BIAS_CORR=True, HAS_DELTA=policy == 0, HAS_MASK=True, HAS_EMASK=True, HAS_ISR=True,
-                    ADV_PER_TOKEN=False, NCOL=_NCOL, BLOCK=_BLOCK,
-                )
-                level = "sequence" if seq_level else "token"
-                configs.append(AOTKernel(
-                    name=f"policy_loss_{pname}[{objective},{level},fp32,BLOCK={_BLOCK}]", fn=_policy_loss_kernel,
-                    signature=signature, constexprs=constexprs, num_warps=4, num_stages=1,
-                ))
-    return configs
+    return [
+        AOTKernel(
+            _policy_loss_fwd_kernel, None,
+            dict(
+                PHASE=phase, POLICY=policy, SEQ_LEVEL=seq_level, HAS_OLD=True, HAS_REF=True, KL_IN_LOSS=True,
+                KL_EST=3, BIAS_CORR=True, HAS_DELTA=policy == 0, HAS_MASK=True, HAS_EMASK=True, HAS_ISR=True,
+                ADV_PER_TOKEN=False, NCOL=_NCOL, BLOCK=_BLOCK,
+            ),
+            num_warps=4, num_stages=1,
+        )
+        for phase in (0, 1)
+        for policy in (0, 1, 2)  # clip, cispo, sapo
+        for seq_level in (False, True)
+    ]

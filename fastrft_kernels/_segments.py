@@ -236,7 +236,6 @@ class Segments:
 
 
 def _build_plan(host: np.ndarray, Tq: int, Tk: int, BQ: int, BK: int, device) -> SegmentPlan:
-    T = Tq
     nq = max(1, math.ceil(Tq / BQ))
     nk = max(1, math.ceil(Tk / BK))
     state = np.zeros((nq, nk), dtype=np.int8)  # 0 skip, 1 masked, 2 full

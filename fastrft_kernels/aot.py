@@ -3,7 +3,8 @@ sm_90 without a GPU, with its resource use read off the cubin.
 
 The interpreter (TRITON_INTERPRET=1) accepts code that real compilation rejects, and says
 nothing about registers: this module closes that gap. Each kernel module lists what it
-ships in `aot_configs()` (one `AOTKernel` per configuration and dtype); this module
+ships in `aot_configs()` (one `AOTKernel` per configuration and dtype; the Triton types of
+its parameters come from the kernel's own annotations, see `signature`); this module
 compiles each one with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`
 and runs the `cuobjdump` inside Triton's wheel on the cubin for registers, stack and
 local bytes, and its `ptxas -v` for spill stores and loads (cuobjdump counts spills in
@@ -40,22 +41,68 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 REGISTER_LIMIT = 255
 
 
+def _params(fn) -> list:
+    """Triton's view (`KernelParam`: annotation, constexpr or not) of each parameter of a
+    `@triton.jit` function: a JITFunction, or under TRITON_INTERPRET=1 an InterpretedFunction."""
+    import inspect
+
+    from triton.runtime.jit import KernelParam
+
+    parameters = inspect.signature(fn.fn).parameters.values()
+    return [KernelParam(i, p, False, False) for i, p in enumerate(parameters)]
+
+
+def signature(fn, dtype: str | None) -> dict[str, str]:
+    """The Triton type of each parameter of the `@triton.jit` function `fn`, read off its own
+    parameter list: a constexpr -> "constexpr"; an annotated one -> its annotation ("i32",
+    "i64", "fp32", "*fp32", "*i64", ...: the types Triton also uses at launch); an unannotated
+    one, a pointer to the input dtype -> "*" + dtype (e.g. "*bf16")."""
+    sig = {}
+    for p in _params(fn):
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.annotation:
+            if not p.annotation_type:
+                raise ValueError(f"{fn.__name__}: parameter {p.name} has an annotation Triton does not read: {p.annotation!r}")
+            sig[p.name] = p.annotation_type
+        elif dtype is None:
+            raise ValueError(
+                f"{fn.__name__}: parameter {p.name} has no type annotation and the configuration names no dtype "
+                "for the input pointers"
+            )
+        else:
+            sig[p.name] = "*" + dtype
+    return sig
+
+
 @dataclasses.dataclass(frozen=True)
 class AOTKernel:
     """One shipped kernel configuration.
 
-    name: a readable id, e.g. "linear_logprob_fwd[bf16,BN=64,BV=128,BH=64]".
-    fn: the `@triton.jit` function (for an autotuned kernel, `kernel.fn`).
-    signature: parameter -> Triton type string ("*fp32", "*bf16", "i32", "fp32", "constexpr", ...).
+    fn: the `@triton.jit` function (for an autotuned kernel, the jit function it wraps).
+    dtype: "fp32" | "bf16" | "fp16", the element type of the unannotated (input-dtype) pointers;
+        None for a kernel whose pointers all carry a type annotation.
     constexprs: values of the constexpr parameters.
     """
 
-    name: str
     fn: object
-    signature: dict
+    dtype: str | None
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 3
+
+    @property
+    def signature(self) -> dict[str, str]:
+        return signature(self.fn, self.dtype)
+
+    @property
+    def name(self) -> str:
+        """fn[dtype,FLAG=v,...,w4s3]: the constexprs in parameter order, bools as 0/1."""
+        fmt = lambda v: str(int(v)) if isinstance(v, bool) else str(v)  # noqa: E731
+        tags = [self.dtype] if self.dtype else []
+        tags += [f"{p.name}={fmt(self.constexprs[p.name])}" for p in _params(self.fn) if p.name in self.constexprs]
+        tags.append(f"w{self.num_warps}s{self.num_stages}")
+        return f"{self.fn.__name__}[{','.join(tags)}]"
 
 
 def kernel_modules() -> list[str]:
@@ -64,56 +111,71 @@ def kernel_modules() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != "aot")
 
 
-def _jit_functions(module) -> dict[str, object]:
-    """The module's own `@triton.jit` kernels (autotuned or heuristics-wrapped ones unwrapped)."""
+def _unwrap(obj):
+    """The JITFunction inside an autotuned or heuristics-wrapped kernel (or None)."""
     from triton.runtime.jit import JITFunction
 
+    while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):
+        obj = obj.fn
+    return obj if isinstance(obj, JITFunction) else None
+
+
+def _jit_functions(module) -> dict[str, object]:
+    """The `@triton.jit` functions the module defines (not the ones it imports)."""
     found = {}
     for attr, obj in vars(module).items():
-        inner = obj
-        while not isinstance(inner, JITFunction) and hasattr(inner, "fn"):
-            inner = inner.fn
-        if isinstance(inner, JITFunction) and inner.__module__ == module.__name__:
+        inner = _unwrap(obj)
+        if inner is not None and inner.__module__ == module.__name__:
             found[attr] = inner
     return found
 
 
-def _called_jit_names(fn) -> set[str]:
-    """Names a kernel's source refers to (its `@triton.jit` helpers among them)."""
+def _called_jit_functions(fn) -> list[object]:
+    """The `@triton.jit` functions `fn`'s source calls by name, resolved in `fn`'s own module
+    (so a helper imported from `_triton.py` is found where it is defined)."""
     import ast
     import textwrap
 
     tree = ast.parse(textwrap.dedent(fn.src))
-    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    found = (_unwrap(fn.__globals__[n]) for n in sorted(names) if n in fn.__globals__)
+    return [f for f in found if f is not None]
+
+
+def compiled_with(kernels) -> set[int]:
+    """ids of the jit functions a build of `kernels` compiles: the kernels themselves and the
+    helpers they call, transitively (inlined into them), wherever those are defined."""
+    frontier = [k.fn for k in kernels]
+    covered = {id(f) for f in frontier}
+    while frontier:
+        for helper in _called_jit_functions(frontier.pop()):
+            if id(helper) not in covered:
+                covered.add(id(helper))
+                frontier.append(helper)
+    return covered
 
 
 def shipped_kernels() -> list[AOTKernel]:
-    """Collects `aot_configs()` from every module. A module that fails to import is an
-    error, not a skip, and so is a `@triton.jit` function that no configuration compiles,
-    neither as a listed kernel nor as a helper a listed kernel calls (transitively): a
-    kernel the gate never sees must not ship."""
+    """Collects `aot_configs()` from every module. A module that fails to import is an error,
+    not a skip, and so is a `@triton.jit` function that no configuration compiles, neither as a
+    listed kernel nor as a helper a listed kernel calls (transitively, across modules: the
+    helpers of `_triton.py` count where the kernels of the op modules call them): a kernel the
+    gate never sees must not ship."""
     kernels: list[AOTKernel] = []
+    defined: dict[str, dict[str, object]] = {}
     for name in kernel_modules():
         module = importlib.import_module(f"fastrft_kernels.{name}")
-        jitted = _jit_functions(module)
-        configs = list(module.aot_configs()) if hasattr(module, "aot_configs") else []
-        # Several names may hold one kernel (an autotuned wrapper beside its jit function).
-        names_of: dict[int, set[str]] = {}
-        for attr, fn in jitted.items():
-            names_of.setdefault(id(fn), set()).add(attr)
-        frontier = [id(k.fn) for k in configs if id(k.fn) in names_of]
-        covered = set(frontier)
-        while frontier:  # helpers inlined into a compiled kernel are compiled with it
-            refs = _called_jit_names(jitted[next(iter(names_of[frontier.pop()]))]) & jitted.keys()
-            for fid in {id(jitted[r]) for r in refs} - covered:
-                covered.add(fid)
-                frontier.append(fid)
+        defined[name] = _jit_functions(module)
+        if hasattr(module, "aot_configs"):
+            kernels.extend(module.aot_configs())
+    covered = compiled_with(kernels)
+    for name, jitted in defined.items():
         missing = sorted(a for a, fn in jitted.items() if id(fn) not in covered)
         if missing:
             raise ValueError(
-                f"fastrft_kernels.{name} ships Triton kernels that aot_configs() does not compile: {missing}"
+                f"fastrft_kernels.{name} ships Triton functions that no aot_configs() entry compiles "
+                f"(as a kernel or a helper a kernel calls): {missing}"
             )
-        kernels.extend(configs)
     names = [k.name for k in kernels]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -142,14 +204,11 @@ def compile_one(kernel: AOTKernel, cc: int) -> dict:
 
     fn = kernel.fn
     arg_names = fn.arg_names
+    sig = kernel.signature
     # Pointers from the PyTorch allocator are 16-byte aligned; Triton specializes on that
     # at launch, so the AOT build must too or it measures code that never runs.
-    attrs = {
-        (arg_names.index(p),): [["tt.divisibility", 16]]
-        for p, t in kernel.signature.items()
-        if isinstance(t, str) and t.startswith("*")
-    }
-    src = ASTSource(fn=fn, signature=dict(kernel.signature), constexprs=dict(kernel.constexprs), attrs=attrs)
+    attrs = {(arg_names.index(p),): [["tt.divisibility", 16]] for p, t in sig.items() if t.startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(kernel.constexprs), attrs=attrs)
     target = GPUTarget("cuda", cc, 32)
     compiled = triton.compile(
         src, target=target, options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages}
@@ -241,11 +300,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """One line per kernel (the name before its first '[' or dtype tag) and arch: the count
-    of configurations and the worst registers, spills, stack and shared memory among them."""
+    """One line per kernel (the name before its '[') and arch: the count of configurations
+    and the worst registers, spills, stack and shared memory among them."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        family = re.split(r"\[|_(?:fp32|bf16|fp16)(?:_|$)", r["kernel"])[0]
+        family = r["kernel"].split("[")[0]
         groups.setdefault((family, r["arch"]), []).append(r)
     lines = [
         "| kernel | arch | configs | max registers | max spill stores (B) | max stack (B) | max shared (B) |",

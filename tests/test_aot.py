@@ -32,10 +32,10 @@ def test_gate_catches_a_spilling_kernel(tmp_path):
             s = tl.sum(e, axis=1)
             tl.store(y_ptr + offs, x * s[:, None] + e)
 
-        sig = {"x_ptr": "*fp32", "y_ptr": "*fp32", "R": "constexpr", "C": "constexpr"}
         out = {}
         for r, c in ((64, 128), (16, 16)):
-            row = compile_one(AOTKernel(f"probe{r}", _probe, sig, {"R": r, "C": c}, num_warps=1, num_stages=1), 90)
+            # x_ptr, y_ptr carry no annotation: pointers to the configuration's dtype
+            row = compile_one(AOTKernel(_probe, "fp32", {"R": r, "C": c}, num_warps=1, num_stages=1), 90)
             out[f"{r}x{c}"] = {"row": row, "problems": check_row(row)}
         print(json.dumps(out))
     '''))
@@ -46,6 +46,47 @@ def test_gate_catches_a_spilling_kernel(tmp_path):
     assert big["row"]["spill_store_bytes"] > 0 and big["row"]["registers"] == 255
     assert any("local memory" in p for p in big["problems"])
     assert small["row"]["spill_store_bytes"] == 0 and small["problems"] == []
+
+
+def test_gate_counts_shared_helpers_where_kernels_call_them_and_fails_on_an_uncalled_one(tmp_path):
+    # The helpers of _triton.py are compiled inside the op modules' kernels: the gate must count
+    # them there (and not ask _triton.py for aot_configs), and still refuse a jit function that
+    # no configuration compiles, wherever it lives.
+    (tmp_path / "probe.py").write_text(textwrap.dedent('''
+        import json, triton, triton.language as tl
+        from fastrft_kernels import _linear_logprob, _triton, aot
+
+        kernels = aot.shipped_kernels()
+        covered = aot.compiled_with(kernels)
+        out = {"helpers_covered": all(id(f) in covered for f in (_triton.dot, _triton.aligned_rows))}
+
+        @triton.jit
+        def _orphan(x_ptr):
+            tl.store(x_ptr, 1.0)
+
+        _orphan.__module__ = _triton.__name__  # as if _triton.py defined it
+        _triton._orphan = _orphan
+        try:
+            aot.shipped_kernels()
+            out["orphan"] = "passed"
+        except ValueError as e:
+            out["orphan"] = str(e)
+        del _triton._orphan
+        configs = _linear_logprob.aot_configs
+        _linear_logprob.aot_configs = lambda: [k for k in configs() if k.fn is not _linear_logprob._linear_logprob_target_kernel]
+        try:
+            aot.shipped_kernels()
+            out["unlisted"] = "passed"
+        except ValueError as e:
+            out["unlisted"] = str(e)
+        print(json.dumps(out))
+    '''))
+    res = subprocess.run([sys.executable, str(tmp_path / "probe.py")], capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["helpers_covered"]
+    assert "fastrft_kernels._triton" in out["orphan"] and "_orphan" in out["orphan"], out["orphan"]
+    assert "_linear_logprob_target_kernel" in out["unlisted"], out["unlisted"]
 
 
 def test_every_shipped_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):

@@ -66,7 +66,7 @@ def test_packed_shared_prefix_matches_unpacked_sdpa(backend, monkeypatch):
     monkeypatch.setattr(hf_attention, "segment_attention", counting)  # text layers
     monkeypatch.setattr(sa_module, "segment_attention", counting)  # varlen_attention: vision layers
     model = _tiny_model()
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(torch.get_default_device()).manual_seed(1)  # CUDA under FASTRFT_TEST_DEVICE=cuda
     grids = [(1, 4, 6), (1, 2, 4)]  # 24 patches (6 tokens; windows of 2x2 tokens), 8 patches (2 tokens)
     prompts = [_prompt(grids[0], 3, 4, g), _prompt(grids[1], 5, 2, g)]
     comp_lens = [[5, 1, 7], [4, 6]]

@@ -23,7 +23,7 @@ RTOL = 1e-5
 
 
 def _batch(seed=0, per_token_adv=False):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)  # CUDA under FASTRFT_TEST_DEVICE=cuda
     cu = torch.tensor(CU, dtype=torch.int32)
     T, S = CU[-1], len(CU) - 1
     logp = -(torch.rand(T, generator=g) * 2.0 + 0.05)  # [T] fp32

@@ -51,7 +51,7 @@ TABLES = _tables()
 
 
 def _inputs(Hq, Hk, D, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)  # CUDA under FASTRFT_TEST_DEVICE=cuda
     q = torch.randn(T, Hq, D, generator=g).to(dtype)
     k = torch.randn(T, Hk, D, generator=g).to(dtype)
     v = torch.randn(T, Hk, D, generator=g).to(dtype)
@@ -165,7 +165,7 @@ def test_varlen_matches_flash_semantics_with_different_q_and_k_lengths():
     # cross attention per sequence, causal bottom-right: sequence 1 has 3 queries over 9 keys
     cu_q = torch.tensor([0, 5, 8, 8, 20], dtype=torch.int32)
     cu_k = torch.tensor([0, 4, 13, 15, 26], dtype=torch.int32)
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator(torch.get_default_device()).manual_seed(3)
     q = torch.randn(20, 4, 64, generator=g, dtype=torch.float64)
     k = torch.randn(26, 2, 64, generator=g, dtype=torch.float64)
     v = torch.randn(26, 2, 64, generator=g, dtype=torch.float64)
@@ -227,10 +227,12 @@ def test_aot_configs_cover_every_dtype_and_head_dim_padding():
     configs = mod.aot_configs()
     assert all(isinstance(c, AOTKernel) for c in configs)
     names = {c.name.split("[")[0] for c in configs}
-    assert names == {"segment_attention_fwd", "segment_attention_bwd_dkdv", "segment_attention_bwd_dq"}
+    assert names == {
+        "_segment_attention_fwd_kernel", "_segment_attention_bwd_dkdv_kernel", "_segment_attention_bwd_dq_kernel"
+    }
     for ty in ("fp16", "bf16", "fp32"):
         for bd in (64, 128):  # D = 64 -> 64; D = 72, 80, 96, 128 -> 128
-            assert sum(f"[{ty},BD={bd}," in c.name for c in configs) == 3
+            assert sum(c.name.split("[")[1].startswith(f"{ty},BLOCK_D={bd},") for c in configs) == 3
     for c in configs:  # every constexpr has a value, every runtime parameter a type
         assert set(c.signature) == set(c.fn.arg_names), c.name
         assert {p for p, t in c.signature.items() if t == "constexpr"} == set(c.constexprs), c.name

@@ -1,74 +1,23 @@
 """Parity with TRL: trl 1.16's own `GRPOTrainer._compute_loss` and `get_high_entropy_mask`, run on a
 padded batch, against `policy_loss` on the same batch packed.
 
-No trainer is built (that needs a model, a tokenizer and datasets): the two methods are called
-unbound, with a `SimpleNamespace` self carrying exactly the attributes they read; the model call
-`_get_per_token_logps_and_entropies` returns given tensors, and the accelerator is one process
-(gather/reduce/pad are identities). One process, no gradient accumulation
-(`current_gradient_accumulation_steps = steps_per_generation = 1`), mode "train". TRL has only the
-k3 KL estimator, so k1/k2 are held to the reference in test_policy_loss.py instead.
+No trainer is built: the two methods are called unbound, with the stand-in `self` of
+benchmarks/_trl.py (one process, no gradient accumulation, mode "train"). TRL has only the k3 KL
+estimator, so k1/k2 are held to the reference in test_policy_loss.py instead.
 """
 
-import collections
-import math
 import types
 
 import pytest
 import torch
 from trl.trainer.grpo_trainer import GRPOTrainer
 
+from benchmarks._trl import OneProcess, trl_self
 from fastrft_kernels import LossConfig, policy_loss, use_backend
 from fastrft_kernels._policy_loss import _high_entropy_mask
 
 LENGTHS = [5, 0, 7, 1, 9, 4]  # an empty completion (an all-masked row for TRL)
 MAXLEN = 12  # dr_grpo's max_completion_length
-
-
-class _OneProcess:
-    num_processes = 1
-
-    def gather(self, x):
-        return x
-
-    gather_for_metrics = gather
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-    def pad_across_processes(self, x, dim=0, pad_index=0):
-        return x
-
-
-def _trl_self(config, logps, entropies, *, use_vllm):
-    """What `_compute_loss` reads off `self`, for `config` (TRL's epsilon is our epsilon_low)."""
-    ns = types.SimpleNamespace(
-        loss_type=config.loss_type,
-        importance_sampling_level=config.importance_sampling_level,
-        epsilon_low=config.epsilon_low,
-        epsilon_high=config.epsilon_high,
-        beta=config.beta,
-        top_entropy_quantile=config.top_entropy_quantile,
-        max_completion_length=config.max_completion_length,
-        off_policy_mask_threshold=None,
-        use_vllm=use_vllm,
-        vllm_importance_sampling_correction=use_vllm,
-        aux_loss_enabled=False,
-        _entropy_bonus_enabled=False,
-        current_gradient_accumulation_steps=1,
-        model=types.SimpleNamespace(training=True),
-        accelerator=_OneProcess(),
-        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
-        args=types.SimpleNamespace(
-            delta=config.delta,
-            use_bias_correction_kl=config.use_bias_correction_kl,
-            sapo_temperature_pos=config.sapo_temperature_pos,
-            sapo_temperature_neg=config.sapo_temperature_neg,
-            steps_per_generation=1,
-        ),
-    )
-    ns._get_per_token_logps_and_entropies = lambda *a, **k: (logps, entropies, None)
-    ns.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, ns)
-    return ns
 
 
 def _pad(x, cu, fill=0.0):
@@ -120,7 +69,7 @@ def _trl_loss(config, b, *, off_policy, with_isr):
         inputs["old_per_token_logps"] = _pad(b["old"], cu)
     if with_isr:
         inputs["importance_sampling_ratio"] = _pad(b["isr"], cu, 1.0)
-    ns = _trl_self(config, logps, _pad(b["entropy"], cu), use_vllm=with_isr)
+    ns = trl_self(config, logps, _pad(b["entropy"], cu), use_vllm=with_isr)
     loss = GRPOTrainer._compute_loss(ns, None, inputs)
     loss.backward()
     valid = completion_mask.bool()
@@ -193,7 +142,7 @@ def test_high_entropy_mask_equals_trl(quantile):
     entropy = torch.rand(T, generator=g)
     entropy[10:14] = entropy[3]  # ties at what may be the threshold
     mask = torch.rand(T, generator=g) > 0.3
-    ns = types.SimpleNamespace(accelerator=_OneProcess())
+    ns = types.SimpleNamespace(accelerator=OneProcess())
     want = GRPOTrainer.get_high_entropy_mask(ns, entropy[None], mask[None].long(), 1 - quantile)[0]
     got = _high_entropy_mask(entropy, mask, quantile)
     assert torch.equal(got, want)
