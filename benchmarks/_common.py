@@ -195,3 +195,27 @@ def markdown_table(rows: list[dict], columns: list[str], headers: list[str] | No
 def command_line() -> str:
     """The command that reproduces this run, for the results file."""
     return " ".join(["python", "-m", f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]])
+
+
+# ----------------------------------------------------------------------------- GPU kit helpers
+# FASTRFT_RESULTS_DIR redirects every runner's results file (the GPU kit's CPU dry run writes
+# to a temporary folder, never over the committed results).
+if os.environ.get("FASTRFT_RESULTS_DIR"):
+    RESULTS = Path(os.environ["FASTRFT_RESULTS_DIR"])
+
+
+def measure_matmul_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, n: int = 8192,
+                         repeats: int = 10) -> float:
+    """FLOP/s of one n x n x n matmul in `dtype` on `device`, measured now (median of `repeats`
+    after a warm-up): the rate a floor fraction is taken against, on the same GPU in the same run."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)
+    t = time_side_by_side({"mm": lambda: a @ b}, device=device, warmup=2, repeats=repeats)["mm"]["median_s"]
+    return 2.0 * n**3 / t
+
+
+def results_path(name: str, device: torch.device | str = "cpu") -> Path:
+    """Where `write_results(name, ..., device=device)` writes."""
+    return RESULTS / f"{name}-{torch.device(device).type}.json"

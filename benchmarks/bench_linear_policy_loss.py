@@ -8,11 +8,20 @@ V = 151936, dapo loss, on-policy, beta = 0):
 - naive: logits [N, V] materialized, log_softmax, gather, TRL-style dapo loss, autograd;
 - liger: liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss on the padded [B, L, H] equivalent
   (every position valid, so padded == packed); compiled=True (torch.compile works on CPU here);
+- trl: TRL's own fused LM-head log-prob (trl.kernels.ChunkedLogProbFunction, what
+  `add_fused_lm_head` runs: cuBLAS tiles of 4096 tokens x 32768 vocab columns folded by a
+  Triton kernel, the backward recomputing each tile), then the same dapo loss as naive;
+  skipped with a note where the installed TRL has no such function;
 - fastrft: fastrft_kernels.linear_policy_loss (auto backend: torch on CPU, triton on CUDA).
 Times: providers interleaved in one process (round-robin), median and spread of the repeats;
 compare ratios, not absolute times. Peak memory: each provider in a fresh subprocess (CPU) or
 from the allocator (CUDA), above the inputs. On CUDA the rows add TFLOP/s and the fraction of
 the 8 N H V floor (forward, one recompute, dX, dW) at the device's dense bf16/fp32 rate.
+
+GPU kit flags (scripts/gpu_check.sh): --shape takes several N,H pairs; --forward also times
+the forward alone; --measure-matmul measures an 8192^3 matmul in the run's dtype first and
+reports each time against the 2 N H V (forward) and 6 N H V (forward + backward) matmul floors
+at that measured rate; --liger-eager runs Liger uncompiled (the CPU dry run).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from benchmarks import _common as C
 V = 151936  # Qwen2/2.5 vocabulary (--vocab changes it, for smoke runs)
 SHAPES_FULL = [(2048, 896), (2048, 1536), (8192, 896), (8192, 1536)]
 SHAPES_QUICK = [(2048, 896)]
-PROVIDERS = ("naive", "liger", "fastrft")
+PROVIDERS = ("naive", "liger", "trl", "fastrft")
 # naive holds logits, log-softmax and their gradients: about 4 x N x V x 4 bytes in fp32
 # (20 GB at N = 8192); above this budget it is skipped and its memory given by that formula.
 NAIVE_MAX_BYTES = 8 * 2**30
@@ -44,8 +53,30 @@ def make_inputs(n, h, dtype, device, seq_len, seed=0):
     return hidden, weight, targets, adv, cu
 
 
-def make_step(provider, hidden, weight, targets, adv, cu, seq_len):
-    """A closure running one fwd+bwd of `provider` on fresh leaves (grads dropped each call)."""
+def _dapo_from_logp(logp, adv, seq_len, n):
+    """TRL's dapo loss (on-policy, beta 0) from per-token log-probs [N]: sum over tokens / N."""
+    ratio = torch.exp(logp - logp.detach())
+    a = adv.repeat_interleave(seq_len)  # [N]
+    per_tok = -torch.min(ratio * a, torch.clamp(ratio, 0.8, 1.2) * a)
+    return per_tok.sum() / n
+
+
+def trl_chunked_logprob():
+    """TRL's fused LM-head log-prob function and the vocabulary chunk its trainer passes, or None
+    where the installed TRL has none (or TRL is absent). Its backward imports trl.trainer.utils
+    (and so `datasets`), so that module must import too."""
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+    except ImportError:
+        return None
+    from trl.trainer import utils  # ImportError here: TRL is installed without what it needs
+
+    return ChunkedLogProbFunction, getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+
+
+def make_step(provider, hidden, weight, targets, adv, cu, seq_len, backward=True, liger_compiled=True):
+    """A closure running one fwd+bwd of `provider` on fresh leaves (grads dropped each call);
+    with backward=False the forward alone (the loss, leaves still requiring grad)."""
     n, h = hidden.shape
     b = n // seq_len
     x = hidden.detach().clone().requires_grad_()
@@ -60,19 +91,35 @@ def make_step(provider, hidden, weight, targets, adv, cu, seq_len):
             a = adv.repeat_interleave(seq_len)  # [N]
             per_tok = -torch.min(ratio * a, torch.clamp(ratio, 0.8, 1.2) * a)
             loss = per_tok.sum() / n  # dapo: tokens in the batch
-            loss.backward()
+            if backward:
+                loss.backward()
             return loss
     elif provider == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-        fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo", compiled=True, chunk_size=1)
+        fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo", compiled=liger_compiled,
+                                      chunk_size=1)
         mask = torch.ones(b, seq_len, device=hidden.device)
         x3 = x.view(b, seq_len, h)  # the padded [B, L, H] form of the same batch
 
         def step():
             x.grad = w.grad = None
             loss = fn(x3, w, targets.view(b, seq_len), mask, adv)[0]
-            loss.backward()
+            if backward:
+                loss.backward()
+            return loss
+    elif provider == "trl":
+        found = trl_chunked_logprob()
+        if found is None:
+            raise ImportError("the installed TRL has no fused LM-head log-prob (trl.kernels.ChunkedLogProbFunction)")
+        fused, chunk = found
+
+        def step():
+            x.grad = w.grad = None
+            logp = fused.apply(x, w, None, targets, 1.0, chunk, None, 1.0, ())[0]  # [N] fp32
+            loss = _dapo_from_logp(logp, adv, seq_len, n)
+            if backward:
+                loss.backward()
             return loss
     elif provider == "fastrft":
         from fastrft_kernels import LossConfig
@@ -83,7 +130,8 @@ def make_step(provider, hidden, weight, targets, adv, cu, seq_len):
         def step():
             x.grad = w.grad = None
             loss, _ = linear_policy_loss(x, w, targets, adv, cu, config=cfg)
-            loss.backward()
+            if backward:
+                loss.backward()
             return loss
     else:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
@@ -116,7 +164,7 @@ def child(args):
     """Fresh process: build the inputs, then report the peak of one fwd+bwd above them."""
     device = torch.device(args.device)
     inputs = make_inputs(args.n, args.h, getattr(torch, args.dtype), device, args.seq_len)
-    step = make_step(args.child, *inputs, args.seq_len)
+    step = make_step(args.child, *inputs, args.seq_len, liger_compiled=not args.liger_eager)
     if args.child == "liger":
         step()  # compile outside the measured call
         # ...and drop the gradients it left, or the base level would hold a dW [V, H] that the
@@ -138,7 +186,11 @@ def main(argv=None):
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--vocab", type=int, default=V)
-    p.add_argument("--shape", default=None, help="one N,H pair instead of the list, e.g. 256,64")
+    p.add_argument("--shape", nargs="+", default=None, help="N,H pairs instead of the list, e.g. 256,64 512,64")
+    p.add_argument("--forward", action="store_true", help="also time the forward alone")
+    p.add_argument("--measure-matmul", action="store_true",
+                   help="measure the run's matmul rate first; report fractions of the 2NHV / 6NHV floors at it")
+    p.add_argument("--liger-eager", action="store_true", help="Liger without torch.compile (CPU dry runs)")
     p.add_argument("--name", default="linear_policy_loss", help="results file: benchmarks/results/<name>-<device>.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
@@ -155,41 +207,73 @@ def main(argv=None):
     rows = []
     shapes = SHAPES_QUICK if args.quick else SHAPES_FULL
     if args.shape:
-        shapes = [tuple(int(v) for v in args.shape.split(","))]
+        shapes = [tuple(int(v) for v in pair.split(",")) for pair in args.shape]
+    matmul_rate = None
+    if args.measure_matmul:
+        matmul_rate = C.measure_matmul_flops(device, dtype, n=8192 if device.type == "cuda" else 512)
+        print(f"measured {args.dtype} matmul rate: {matmul_rate / 1e12:.1f} TFLOP/s", flush=True)
+    liger_compiled = not args.liger_eager
     for n, h in shapes:
         inputs = make_inputs(n, h, dtype, device, args.seq_len)
-        fns = {}
+        fns, fwd_fns, notes = {}, {}, {}
         for prov in providers:
             if prov == "naive" and naive_bytes(n) > NAIVE_MAX_BYTES and device.type == "cpu":
+                notes[prov] = f"naive logits need ~{naive_bytes(n) / 2**30:.0f} GiB"
                 continue
-            fns[prov] = make_step(prov, *inputs, args.seq_len)
+            try:
+                fns[prov] = make_step(prov, *inputs, args.seq_len, liger_compiled=liger_compiled)
+                fns[prov]()  # proves it runs (and compiles) before the timed rounds
+                if args.forward:
+                    fwd_fns[prov] = make_step(prov, *inputs, args.seq_len, backward=False,
+                                              liger_compiled=liger_compiled)
+                    fwd_fns[prov]()
+            except Exception as e:  # a provider whose package is not installed here, or that fails: a note
+                fns.pop(prov, None)
+                fwd_fns.pop(prov, None)
+                what = "not available" if isinstance(e, ImportError) else "failed"
+                notes[prov] = f"{what}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+                print(f"{prov}: {notes[prov]}", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         times = C.time_side_by_side(fns, device=device, warmup=1, repeats=args.repeats)
+        fwd_times = C.time_side_by_side(fwd_fns, device=device, warmup=1, repeats=args.repeats) if fwd_fns else {}
         flops = 8 * n * h * V
         for prov in providers:
             row = {"provider": prov, "N": n, "H": h, "V": V, "dtype": args.dtype}
             if prov in times:
                 t = times[prov]
-                row.update(median_s=t["median_s"], min_s=t["min_s"], max_s=t["max_s"])
+                row.update(median_s=t["median_s"], min_s=t["min_s"], max_s=t["max_s"], fwd_bwd_ms=t["median_s"] * 1e3)
+                if prov in fwd_times:
+                    row["fwd_ms"] = fwd_times[prov]["median_s"] * 1e3
                 if device.type == "cuda":
                     row["tflops"] = flops / t["median_s"] / 1e12
                     peak = peak_flops(device, args.dtype)
                     if peak:  # the 8 N H V floor at the device's dense peak, over the time taken
                         row["floor_fraction"] = flops / peak / t["median_s"]
+                if matmul_rate:  # the matmuls alone at the rate measured in this run: 2NHV fwd, 6NHV fwd+bwd
+                    row["matmul_tflops_measured"] = matmul_rate / 1e12
+                    row["floor6_fraction"] = 6 * n * h * V / matmul_rate / t["median_s"]
+                    if prov in fwd_times:
+                        row["fwd_floor2_fraction"] = 2 * n * h * V / matmul_rate / fwd_times[prov]["median_s"]
             else:
-                row["skipped"] = f"naive logits need ~{naive_bytes(n) / 2**30:.0f} GiB"
+                row["skipped"] = notes.get(prov, "not run")
             if not args.no_memory:
                 if prov in times:
                     if device.type == "cuda":
-                        step = make_step(prov, *inputs, args.seq_len)
+                        step = make_step(prov, *inputs, args.seq_len, liger_compiled=liger_compiled)
                         step()
+                        for t in step.leaves:  # as in child(): warm-up grads would hide the measured call's
+                            t.grad = None
                         row["peak_bytes"] = C.peak_memory_of_call(step, device)
+                        del step
                     else:
                         row["peak_bytes"] = C.peak_memory_in_subprocess(
                             "benchmarks.bench_linear_policy_loss",
                             ["--child", prov, "--n", str(n), "--h", str(h), "--device", args.device,
-                             "--dtype", args.dtype, "--seq-len", str(args.seq_len), "--vocab", str(V)],
+                             "--dtype", args.dtype, "--seq-len", str(args.seq_len), "--vocab", str(V)]
+                            + (["--liger-eager"] if args.liger_eager else []),
                         )
-                elif prov == "naive":
+                elif prov == "naive" and device.type == "cpu":
                     row["peak_bytes_estimate"] = naive_bytes(n)
             rows.append(row)
             print(row, flush=True)
@@ -202,14 +286,17 @@ def main(argv=None):
             naive_mem = ref.get("naive", {}).get("peak_bytes") or ref.get("naive", {}).get("peak_bytes_estimate")
             if "peak_bytes" in r and naive_mem:
                 r["mem_vs_naive"] = r["peak_bytes"] / naive_mem
-        del inputs, fns
-    for r in rows:
-        if "peak_bytes" in r:
-            r["peak_MiB"] = r["peak_bytes"] / 2**20
-    path = C.write_results(args.name, rows, command=C.command_line(), device=device,
-                           notes="fwd+bwd; dapo, on-policy, beta=0; liger compiled=True")
+        del inputs, fns, fwd_fns
+        for r in rows:
+            if "peak_bytes" in r:
+                r["peak_MiB"] = r["peak_bytes"] / 2**20
+        # after each shape, so a run stopped by a time limit keeps the shapes it finished
+        path = C.write_results(args.name, rows, command=C.command_line(), device=device,
+                               notes=f"fwd+bwd; dapo, on-policy, beta=0; liger compiled={liger_compiled}")
     cols = ["provider", "N", "H", "median_s", "min_s", "max_s", "time_vs_liger", "peak_MiB", "mem_vs_liger",
             "mem_vs_naive"] + (["tflops", "floor_fraction"] if device.type == "cuda" else [])
+    cols += (["fwd_ms"] if args.forward else []) + (["floor6_fraction"] if matmul_rate else [])
+    cols += (["fwd_floor2_fraction"] if matmul_rate and args.forward else []) + ["skipped"]
     print(C.markdown_table(rows, cols))
     print(f"wrote {path}")
 

@@ -26,6 +26,14 @@ Columns: tokens computed per group, median fwd+bwd time, peak memory above the i
 each provider in a fresh subprocess), time and memory relative to fastrft_shared, and on
 CUDA TFLOP/s of the useful work (the shared layout's attended pairs x 4 x D x Hq forward,
 2.5x that backward, the flash-attn convention).
+
+GPU kit flags (scripts/gpu_check.sh): --shape P,cmin,cmax (several allowed) replaces the shape
+list, and P = 0 is the documents layout (G causal documents packed back to back: the shared
+layout with an empty prompt; the "repeat" providers then run plain varlen documents);
+--group sets G; --split also times the forward alone, so forward and backward TFLOP/s are
+reported apart (backward = fwd+bwd minus fwd); --dense-ref T measures dense causal SDPA over
+one T-token sequence with the same heads first, and each provider's rates are also given as a
+fraction of that dense rate; --name names the results file.
 """
 
 from __future__ import annotations
@@ -196,6 +204,31 @@ def tokens_per_group(provider, P, comps):
     return shared if provider.endswith("shared") or provider.startswith("flex") else G * P + sum(comps)
 
 
+def dense_causal_rates(T, hq, hk, d, dtype, device, repeats):
+    """(fwd FLOP/s, bwd FLOP/s) of dense causal SDPA over one T-token sequence, heads hq / hk
+    (GQA), measured now: the rate the packed layouts are compared against."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, h, T, d, generator=g).to(dtype).to(device) for h in (hq, hk, hk))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    do = torch.randn_like(q)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fwd():
+        with torch.no_grad():
+            sdpa(q, k, v, is_causal=True, enable_gqa=True)
+
+    def fwd_bwd():
+        for x in leaves:
+            x.grad = None
+        sdpa(*leaves, is_causal=True, enable_gqa=True).backward(do)
+
+    t = C.time_side_by_side({"fwd": fwd, "fwd_bwd": fwd_bwd}, device=device, warmup=1, repeats=repeats)
+    flop_fwd = 4 * (T * (T + 1) // 2) * d * hq
+    t_fwd = t["fwd"]["median_s"]
+    t_bwd = max(t["fwd_bwd"]["median_s"] - t_fwd, 1e-9)
+    return flop_fwd / t_fwd, 2.5 * flop_fwd / t_bwd
+
+
 def child(args):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -208,6 +241,7 @@ def child(args):
 
 
 def main(argv=None):
+    global G
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one group shape (P=300, completions 64-128)")
@@ -220,11 +254,19 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--fwd-only", action="store_true",
                    help="time forward passes only (FlexAttention has no CPU backward); results in segment_attention_fwd-*.json")
+    p.add_argument("--shape", nargs="+", default=None,
+                   help="P,cmin,cmax group shapes instead of the list (P=0: documents), e.g. 1024,256,1024 0,512,2048")
+    p.add_argument("--group", type=int, default=G, help=f"completions (documents) per group, default {G}")
+    p.add_argument("--split", action="store_true", help="also time the forward alone: fwd and bwd TFLOP/s apart")
+    p.add_argument("--dense-ref", type=int, default=0, metavar="T",
+                   help="measure dense causal SDPA over T tokens first; report rates as fractions of it")
+    p.add_argument("--name", default=None, help="results file benchmarks/results/<name>-<device>.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--prompt", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--cmin", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--cmax", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    G = args.group
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.heads = args.heads or ("16,2" if cuda else "4,1")
@@ -236,26 +278,51 @@ def main(argv=None):
     hq, hk = (int(x) for x in args.heads.split(","))
     d = args.head_dim
     rows = []
-    for P, cmin, cmax in SHAPES_QUICK if args.quick else SHAPES_FULL:
+    shapes = SHAPES_QUICK if args.quick else SHAPES_FULL
+    if args.shape:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape]
+    def write(rows):
+        return C.write_results(
+            args.name or ("segment_attention_fwd" if args.fwd_only else "segment_attention"), rows,
+            command=C.command_line(), device=device,
+            notes=f"attention {'fwd' if args.fwd_only else 'fwd+bwd'} of one layer, G={G}, heads {args.heads}, D={d}, "
+            f"{args.dtype}; times are medians of interleaved repeats; CPU memory from a fresh subprocess per provider",
+        )
+
+    dense = None
+    if args.dense_ref:
+        dense = dense_causal_rates(args.dense_ref, hq, hk, d, dtype, device, args.repeats)
+        print(f"dense causal SDPA, T={args.dense_ref}: fwd {dense[0] / 1e12:.2f} TFLOP/s, "
+              f"bwd {dense[1] / 1e12:.2f} TFLOP/s", flush=True)
+    for P, cmin, cmax in shapes:
         comps = completion_lens(cmin, cmax)
         q, k, v = make_inputs(P, comps, hq, hk, d, dtype, device)
         pairs = shared_prefix_segments([P], [comps]).plan(q.shape[0], q.shape[0], 64, 64).visible_pairs
         useful_flop = 3.5 * 4 * pairs * d * hq  # fwd 4 pairs D Hq, bwd 2.5x fwd
-        steps, notes = {}, {}
+        steps, fwd_steps, notes = {}, {}, {}
         for prov in args.providers.split(","):
             try:
                 step = make_step(prov, q, k, v, P, comps, device, args.fwd_only)
                 if step is None:
-                    notes[prov] = "not available here"
+                    notes[prov] = ("flash_attn is not installed" if prov.startswith("flash") and cuda
+                                   else "not available here")
                     continue
                 step()  # warm-up: compiles, and proves it runs
                 steps[prov] = step
+                if args.split and not args.fwd_only:
+                    fwd = make_step(prov, q, k, v, P, comps, device, fwd_only=True)
+                    fwd()
+                    fwd_steps[prov] = fwd
             except Exception as e:  # report what does not run (e.g. FlexAttention eager on CPU)
+                steps.pop(prov, None)
                 notes[prov] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         timings = C.time_side_by_side(steps, device=device, warmup=0, repeats=args.repeats)
+        fwd_timings = C.time_side_by_side(fwd_steps, device=device, warmup=0, repeats=args.repeats)
+        flop_fwd = 4 * pairs * d * hq  # the useful forward work of the layout (its attended pairs)
         shape_rows = []
         for prov in args.providers.split(","):
-            row = {"prompt": P, "completions": f"{cmin}-{cmax}", "G": G, "heads": args.heads, "head_dim": d,
+            row = {"layout": "shared_prefix" if P else "documents",
+                   "prompt": P, "completions": f"{cmin}-{cmax}", "G": G, "heads": args.heads, "head_dim": d,
                    "dtype": args.dtype, "provider": prov, "tokens_per_group": tokens_per_group(prov, P, comps),
                    "attended_pairs": pairs}
             if prov not in steps:
@@ -266,6 +333,17 @@ def main(argv=None):
             row.update(median_ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3, max_ms=t["max_s"] * 1e3)
             if cuda:
                 row["tflops"] = useful_flop / (3.5 if args.fwd_only else 1.0) / t["median_s"] / 1e12
+            if prov in fwd_timings:  # forward and backward apart, each over its share of the useful work
+                t_fwd = fwd_timings[prov]["median_s"]
+                t_bwd = max(t["median_s"] - t_fwd, 1e-9)
+                row.update(fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, fwd_tflops=flop_fwd / t_fwd / 1e12,
+                           bwd_tflops=2.5 * flop_fwd / t_bwd / 1e12)
+                if dense:
+                    row["fwd_vs_dense"] = flop_fwd / t_fwd / dense[0]
+                    row["bwd_vs_dense"] = 2.5 * flop_fwd / t_bwd / dense[1]
+            if dense:
+                row["dense_fwd_tflops"] = dense[0] / 1e12
+                row["dense_bwd_tflops"] = dense[1] / 1e12
             if not args.no_memory:
                 if cuda:
                     row["peak_mib"] = C.peak_memory_of_call(steps[prov], device) / 2**20
@@ -274,7 +352,7 @@ def main(argv=None):
                         "benchmarks.bench_segment_attention",
                         ["--child", prov, "--prompt", str(P), "--cmin", str(cmin), "--cmax", str(cmax),
                          "--device", args.device, "--dtype", args.dtype, "--heads", args.heads,
-                         "--head-dim", str(d)] + (["--fwd-only"] if args.fwd_only else []),
+                         "--head-dim", str(d), "--group", str(G)] + (["--fwd-only"] if args.fwd_only else []),
                     ) / 2**20
             shape_rows.append(row)
         base = next((r for r in shape_rows if r["provider"] == "fastrft_shared" and "median_ms" in r), None)
@@ -284,15 +362,14 @@ def main(argv=None):
                 if "peak_mib" in r and base.get("peak_mib"):
                     r["mem_vs_shared"] = r["peak_mib"] / base["peak_mib"]
         rows += shape_rows
-        del steps
-    cols = ["prompt", "completions", "provider", "tokens_per_group", "median_ms", "time_vs_shared", "peak_mib",
-            "mem_vs_shared"] + (["tflops"] if cuda else []) + ["note"]
+        del steps, fwd_steps
+        path = write(rows)  # after each shape, so a run stopped by a time limit keeps the shapes it finished
+    cols = ["layout", "prompt", "completions", "provider", "tokens_per_group", "median_ms", "time_vs_shared", "peak_mib",
+            "mem_vs_shared"] + (["tflops"] if cuda else [])
+    if args.split:
+        cols += ["fwd_tflops", "bwd_tflops"] + (["fwd_vs_dense", "bwd_vs_dense"] if dense else [])
+    cols += ["note"]
     print(C.markdown_table(rows, cols))
-    path = C.write_results(
-        "segment_attention_fwd" if args.fwd_only else "segment_attention", rows, command=C.command_line(),
-        device=device, notes=f"attention {'fwd' if args.fwd_only else 'fwd+bwd'} of one layer, G={G}, heads {args.heads}, D={d}, {args.dtype}; "
-        "times are medians of interleaved repeats; CPU memory from a fresh subprocess per provider",
-    )
     print(f"\nwrote {path}")
     return 0
 
