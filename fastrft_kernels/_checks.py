@@ -93,6 +93,12 @@ def check_loss_args(config, T: int, advantages, cu_seqlens, *, per_token: dict, 
         raise ValueError(
             f"advantages must hold one value per sequence (S={S}) or per token (T={T}), got {advantages.numel()}"
         )
+    if not bool(torch.isfinite(advantages).all()):  # one NaN would make the loss and every gradient NaN
+        bad = (~torch.isfinite(advantages)).nonzero()[0].item()
+        raise ValueError(
+            f"advantages must be finite, got {advantages[bad].item()} at index {bad} (group_advantages gives "
+            "unscorable completions, NaN rewards, an advantage of 0)"
+        )
     for name, x in per_token.items():
         if x is not None:
             check_tensor(name, x, ndim=1, float_=True)

@@ -10,7 +10,8 @@ Semantics (DESIGN.md, checked against trl 1.16's `_generate_and_score_completion
 - rloo: r - mean of the other valid members of the group; never divided by a std (`scale` is
   not used).
 - A NaN reward (unscorable completion) is left out of its group's mean and std, and of the batch
-  std, and gets advantage 0.
+  std, and gets advantage 0. So is an infinite one: no finite advantage follows from it, and
+  refusing it would need a host read (a reward function returning inf is a bug of its own).
 - A group with one valid member gets 0 (TRL: its unbiased std is NaN and `nan_to_num` gives 0;
   rloo has no "other members").
 - A group whose valid rewards are all equal gets exactly 0, for every scale and estimator. A
@@ -67,6 +68,7 @@ def group_advantages(
         backends; the triton backend computes in float32).
     """
     _check_args(rewards, group_size, group_ids, scale, estimator, eps)
+    rewards = torch.where(torch.isinf(rewards), float("nan"), rewards)  # [B] +-inf: unscorable, like NaN
     backend = resolve_backend(rewards.device)
     if backend == "reference":
         return _reference(rewards, group_size, group_ids, scale, estimator, float(eps))
@@ -118,11 +120,11 @@ def _reference(rewards, group_size, group_ids, scale, estimator, eps):
     r = rewards.detach().to(dtype).cpu()  # [B]
     B = r.numel()
     if group_ids is None:
-        ids = torch.arange(B) // group_size  # [B]
+        ids = torch.arange(B, device="cpu") // group_size  # [B] (host: the loop below runs there)
     else:
         ids = group_ids.detach().cpu().long()  # [B]
     valid = ~torch.isnan(r)  # [B]
-    out = torch.zeros(B, dtype=dtype)  # [B]
+    out = torch.zeros(B, dtype=dtype, device="cpu")  # [B]
     all_valid = r[valid]
     batch_std = all_valid.std() if all_valid.numel() > 1 else None
     for g in torch.unique(ids).tolist():

@@ -144,12 +144,13 @@ def _check_args(hidden, weight, targets, bias, temperature, ignore_index, lse):
 
 def _reference(hidden, weight, targets, bias, temperature, ignore_index, want_entropy):
     """Plain autograd: logits [N, V] in the input dtype, log_softmax in fp32 (fp64 for fp64)."""
+    valid = targets != ignore_index  # [N]
+    hidden = torch.where(valid[:, None], hidden, 0.0)  # ignored rows may hold inf / NaN: none reaches a gradient
     logits = hidden @ weight.t()  # [N, V]
     if bias is not None:
         logits = logits + bias
     z = logits.to(acc_dtype(hidden.dtype)) / temperature  # [N, V]
     logsm = torch.log_softmax(z, dim=-1)  # [N, V]
-    valid = targets != ignore_index  # [N]
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     logp = logsm.gather(1, safe[:, None]).squeeze(1)  # [N]
     logp = torch.where(valid, logp, torch.zeros_like(logp))

@@ -74,9 +74,10 @@ def _check_args(logits, targets, temperature, ignore_index):
 
 
 def _reference(logits, targets, temperature, ignore_index, want_entropy):
-    z = logits.to(acc_dtype(logits.dtype)) / temperature  # [N, V]
+    valid = targets != ignore_index  # [N]
+    # ignored rows may hold anything (inf, NaN): zeroed, so that no NaN reaches their gradient
+    z = torch.where(valid[:, None], logits.to(acc_dtype(logits.dtype)), 0.0) / temperature  # [N, V]
     logsm = torch.log_softmax(z, dim=-1)
-    valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     logp = torch.where(valid, logsm.gather(1, safe[:, None]).squeeze(1), 0.0)
     ent = torch.where(valid, -(logsm.exp() * logsm).sum(-1), 0.0) if want_entropy else None
@@ -86,6 +87,13 @@ def _reference(logits, targets, temperature, ignore_index, want_entropy):
 # --------------------------------------------------------------------------------------- torch path
 
 _CHUNK_BYTES = 64 * 2**20  # fp32 working set of the torch path per chunk
+
+
+def _chunk_logits(logits, valid, i, chunk, inv_t, acc):
+    """z = logits[i:i+chunk] / T in `acc` dtype, [C, V], a fresh tensor; 0 at ignored rows, which
+    may hold anything (inf, NaN) and must reach no output and no gradient."""
+    z = logits[i : i + chunk].to(acc) * inv_t
+    return z.masked_fill_(~valid[i : i + chunk, None], 0.0)
 
 
 def _torch_forward(logits, targets, inv_t, ignore_index, want_entropy):
@@ -98,13 +106,16 @@ def _torch_forward(logits, targets, inv_t, ignore_index, want_entropy):
     zt = logits.gather(1, safe[:, None]).squeeze(1).to(acc) * inv_t  # [N]
     chunk = max(1, _CHUNK_BYTES // (4 * max(v, 1)))
     for i in range(0, n, chunk):
-        z = logits[i : i + chunk].to(acc) * inv_t  # [C, V]
+        z = _chunk_logits(logits, valid, i, chunk, inv_t, acc)  # [C, V]
         mx = z.amax(1, keepdim=True)
-        p = torch.sub(z, mx).exp_()
+        zc = z.sub_(mx)  # z - max <= 0, in place
+        p = torch.exp(zc)  # [C, V]
         s = p.sum(1)
         lse[i : i + chunk] = mx.squeeze(1) + s.log()
         if want_entropy:
-            ez[i : i + chunk] = p.mul_(z).sum(1) / s
+            # E[z] = max + E[z - max]: the terms stay bounded (p (z) itself overflows fp32 at bf16's
+            # 1e38 logits), and a -inf logit has p = 0, so p (z - max) would be 0 * -inf = NaN
+            ez[i : i + chunk] = mx.squeeze(1) + torch.where(p > 0, p * zc, 0.0).sum(1) / s
     zero = torch.zeros((), dtype=acc, device=logits.device)
     logp = torch.where(valid, torch.clamp(zt - lse, max=0.0), zero)
     ent = torch.where(valid, torch.clamp(lse - ez, min=0.0), zero) if want_entropy else None
@@ -121,7 +132,7 @@ def _torch_backward(logits, targets, lse, ez, g_lp, g_ent, inv_t, ignore_index):
     dz = torch.empty_like(logits)
     chunk = max(1, _CHUNK_BYTES // (4 * max(v, 1)))
     for i in range(0, n, chunk):
-        z = logits[i : i + chunk].to(acc) * inv_t  # [C, V]
+        z = _chunk_logits(logits, valid, i, chunk, inv_t, acc)  # [C, V]
         p = torch.sub(z, lse[i : i + chunk, None]).exp_()
         d = p * -g_lp[i : i + chunk, None]
         if g_ent is not None:

@@ -62,7 +62,11 @@ def segment_attention(q, k, v, segments: Segments, *, softmax_scale: float | Non
     segments.check(Tq, Tk)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     backend = resolve_backend(q.device)
-    if backend == "reference":
+    if Tq == 0 or Tk == 0:  # no query or no key: outputs 0, lse -inf, gradients 0
+        zero = q[..., :0].sum(-1, keepdim=True) + k[:0].sum() + v[:0].sum()  # [Tq, Hq, 1] zeros, on the graph
+        out = zero.expand_as(q).to(q.dtype)
+        lse = torch.full((q.shape[1], Tq), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
+    elif backend == "reference":
         out, lse = _reference(q, k, v, segments, scale)
     elif backend == "torch":
         if not return_lse:
