@@ -21,8 +21,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -166,7 +166,9 @@ def report_peak(peak_bytes: int) -> None:
     print(json.dumps({"peak_bytes": int(peak_bytes)}), flush=True)
 
 
-def write_results(name: str, rows: list[dict], *, command: str, device: torch.device | str = "cpu", notes: str = "") -> Path:
+def write_results(
+    name: str, rows: list[dict], *, command: str, device: torch.device | str = "cpu", notes: str = ""
+) -> Path:
     """Writes benchmarks/results/<name>-<device>.json with the rows, the device and the command."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = device_info(device)

@@ -122,8 +122,7 @@ def make_step(provider, hidden, weight, targets, adv, cu, seq_len, backward=True
                 loss.backward()
             return loss
     elif provider == "fastrft":
-        from fastrft_kernels import LossConfig
-        from fastrft_kernels import linear_policy_loss
+        from fastrft_kernels import LossConfig, linear_policy_loss
 
         cfg = LossConfig(loss_type="dapo", beta=0.0)
 

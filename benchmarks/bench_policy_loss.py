@@ -34,7 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import (  # noqa: E402
-    command_line, device_info, markdown_table, peak_memory_of_call, time_side_by_side, write_results,
+    command_line,
+    device_info,
+    markdown_table,
+    peak_memory_of_call,
+    time_side_by_side,
+    write_results,
 )
 from benchmarks._trl import trl_self  # noqa: E402
 

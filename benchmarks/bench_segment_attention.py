@@ -253,7 +253,8 @@ def main(argv=None):
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--fwd-only", action="store_true",
-                   help="time forward passes only (FlexAttention has no CPU backward); results in segment_attention_fwd-*.json")
+                   help="time forward passes only (FlexAttention has no CPU backward); "
+                   "results in segment_attention_fwd-*.json")
     p.add_argument("--shape", nargs="+", default=None,
                    help="P,cmin,cmax group shapes instead of the list (P=0: documents), e.g. 1024,256,1024 0,512,2048")
     p.add_argument("--group", type=int, default=G, help=f"completions (documents) per group, default {G}")
@@ -364,7 +365,8 @@ def main(argv=None):
         rows += shape_rows
         del steps, fwd_steps
         path = write(rows)  # after each shape, so a run stopped by a time limit keeps the shapes it finished
-    cols = ["layout", "prompt", "completions", "provider", "tokens_per_group", "median_ms", "time_vs_shared", "peak_mib",
+    cols = ["layout", "prompt", "completions", "provider", "tokens_per_group", "median_ms", "time_vs_shared",
+            "peak_mib",
             "mem_vs_shared"] + (["tflops"] if cuda else [])
     if args.split:
         cols += ["fwd_tflops", "bwd_tflops"] + (["fwd_vs_dense", "bwd_vs_dense"] if dense else [])

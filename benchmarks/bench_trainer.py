@@ -47,7 +47,6 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import command_line, device_info, markdown_table, write_results  # noqa: E402
 
-
 MODEL_SHAPES = ("tiny", "qwen2.5-vl-3b-4l")
 
 
@@ -109,7 +108,8 @@ def child_fastrft(a) -> dict:
             processor.save_pretrained(model_name)
             del model
         cfg = GRPOConfig(
-            model=model_name, dataset="shapes", bf16=a.bf16, output_dir=str(Path(out) / "run"), train_size=256, image_size=a.image_size, seed=a.seed,
+            model=model_name, dataset="shapes", bf16=a.bf16, output_dir=str(Path(out) / "run"), train_size=256,
+            image_size=a.image_size, seed=a.seed,
             max_steps=a.steps, prompts_per_step=a.prompts, num_generations=a.G, max_completion_length=a.completion,
             learning_rate=1e-5, warmup_steps=0, loss_type="dapo", beta=0.0, eval_size=0, eval_steps=0,
             save_steps=0, save_total_limit=1, progress=False, reward_funcs=["shapes"],

@@ -51,7 +51,6 @@ from ._backend import resolve_backend
 from ._checks import acc_dtype, check_kernel_dtype, check_same_device, check_targets, check_tensor
 from ._triton import HAVE_TRITON, dot_flags, interpreting, launch, tl, triton
 
-
 # --------------------------------------------------------------------------------------- public API
 
 
@@ -840,5 +839,6 @@ def aot_configs():
                     out.append(AOTKernel(kernel, dtype, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         out.append(AOTKernel(_linear_logprob_target_kernel, dtype, dict(HAS_BIAS=True, BLOCK_N=16, BLOCK_H=64),
                              num_warps=4, num_stages=1))
-    out.append(AOTKernel(_linear_logprob_fwd_finalize_kernel, None, dict(HAS_ENT=True, BLOCK=128), num_warps=4, num_stages=1))
+    finalize = dict(HAS_ENT=True, BLOCK=128)
+    out.append(AOTKernel(_linear_logprob_fwd_finalize_kernel, None, finalize, num_warps=4, num_stages=1))
     return out

@@ -19,7 +19,6 @@ from ._backend import resolve_backend
 from ._checks import acc_dtype, check_kernel_dtype, check_same_device, check_targets, check_tensor
 from ._triton import HAVE_TRITON, interpreting, tl, triton
 
-
 # --------------------------------------------------------------------------------------- public API
 
 

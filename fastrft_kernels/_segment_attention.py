@@ -39,7 +39,6 @@ from ._checks import acc_dtype, check_cu_seqlens, check_kernel_dtype, check_same
 from ._segments import CAUSAL, Segments, segments_from_cu_seqlens
 from ._triton import HAVE_TRITON, dot_flags, interpreting, tl, triton
 
-
 # --------------------------------------------------------------------------------------- public API
 
 
@@ -77,7 +76,9 @@ def segment_attention(q, k, v, segments: Segments, *, softmax_scale: float | Non
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         block_d = max(16, triton.next_power_of_2(q.shape[-1]))
         plan = segments.plan(Tq, Tk, *_blocks(q.dtype, block_d, False), q.device)
-        plan_bwd = segments.plan(Tq, Tk, *_blocks(q.dtype, block_d, True), q.device) if torch.is_grad_enabled() else None
+        plan_bwd = None
+        if torch.is_grad_enabled():
+            plan_bwd = segments.plan(Tq, Tk, *_blocks(q.dtype, block_d, True), q.device)
         out, lse = _TritonSegmentAttention.apply(q, k, v, plan, plan_bwd, scale)
     return (out, lse) if return_lse else out
 

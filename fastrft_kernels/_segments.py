@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -118,7 +118,7 @@ class Segments:
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_entries(cls, entries: Iterable[Sequence], kind=None, device=None) -> "Segments":
+    def from_entries(cls, entries: Iterable[Sequence], kind=None, device=None) -> Segments:
         """Builds a table by hand.
 
         entries: 5-tuples (q_start, q_end, k_start, k_end, kind) with kind 0/1 or
@@ -157,7 +157,7 @@ class Segments:
         key = ("check", num_q, num_k)
         if key in self._cache:
             return
-        for i, (qs, qe, ks, ke, _) in enumerate(self._host.tolist()):
+        for i, (_qs, qe, _ks, ke, _) in enumerate(self._host.tolist()):
             if qe > num_q:
                 raise ValueError(f"segments entry {i}: q_end={qe} is beyond the number of query tokens T={num_q}")
             if ke > num_k:
@@ -208,7 +208,8 @@ class Segments:
                 merged.append((a, b))
         out = []
         for q0, q1 in merged:
-            sel = [e for e, r in enumerate(self._host.tolist()) if r[0] < r[1] and r[2] < r[3] and r[0] < q1 and r[1] > q0]
+            sel = [e for e, r in enumerate(self._host.tolist())
+                   if r[0] < r[1] and r[2] < r[3] and r[0] < q1 and r[1] > q0]
             if not sel:
                 out.append((q0, q1, None, None, sel))
                 continue
@@ -258,7 +259,8 @@ def _build_plan(host: np.ndarray, Tq: int, Tk: int, BQ: int, BK: int, device) ->
         r_hi = np.minimum(r0 + BQ, qe)[:, None]
         c_lo = np.maximum(c0, ks)[None, :]  # [1, b]
         c_hi = np.minimum(c0 + BK, ke)[None, :]
-        inside = (r_lo == r0[:, None]) & (r_hi == (r0 + BQ)[:, None]) & (c_lo == c0[None, :]) & (c_hi == (c0 + BK)[None, :])
+        inside = ((r_lo == r0[:, None]) & (r_hi == (r0 + BQ)[:, None])
+                  & (c_lo == c0[None, :]) & (c_hi == (c0 + BK)[None, :]))
         if kind == CAUSAL:
             any_visible = c_lo <= r_hi - 1 + s  # the tile's last row sees its first column
             full = inside & (c_hi - 1 <= r_lo + s)  # its first row sees its last column

@@ -8,7 +8,8 @@ its parameters come from the kernel's own annotations, see `signature`); this mo
 compiles each one with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`
 and runs the `cuobjdump` inside Triton's wheel on the cubin for registers, stack and
 local bytes, and its `ptxas -v` for spill stores and loads (cuobjdump counts spills in
-STACK, not LOCAL: a kernel at 255 registers with 56 B of stack showed LOCAL:0); the dynamic shared memory comes from the compiled metadata (Triton
+STACK, not LOCAL: a kernel at 255 registers with 56 B of stack showed LOCAL:0); the dynamic
+shared memory comes from the compiled metadata (Triton
 allocates shared memory dynamically, so cuobjdump's SHARED column reads 0).
 
     python -m fastrft_kernels.aot            # the table, markdown
@@ -63,7 +64,9 @@ def signature(fn, dtype: str | None) -> dict[str, str]:
             sig[p.name] = "constexpr"
         elif p.annotation:
             if not p.annotation_type:
-                raise ValueError(f"{fn.__name__}: parameter {p.name} has an annotation Triton does not read: {p.annotation!r}")
+                raise ValueError(
+                    f"{fn.__name__}: parameter {p.name} has an annotation Triton does not read: {p.annotation!r}"
+                )
             sig[p.name] = p.annotation_type
         elif dtype is None:
             raise ValueError(
@@ -192,6 +195,12 @@ def _nvidia_tool(name: str) -> str:
     return str(path)
 
 
+def _resources(cubin: Path) -> str:
+    """cuobjdump's resource line(s) for a cubin: REG, STACK, SHARED, LOCAL."""
+    cmd = [_nvidia_tool("cuobjdump"), "-res-usage", str(cubin)]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
 _RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -217,7 +226,7 @@ def compile_one(kernel: AOTKernel, cc: int) -> dict:
         cubin, ptx = Path(tmp) / "k.cubin", Path(tmp) / "k.ptx"
         cubin.write_bytes(compiled.asm["cubin"])
         ptx.write_text(compiled.asm["ptx"])
-        res = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+        res = _resources(cubin)
         # ptxas -v names spills apart from other stack use (cuobjdump folds them into
         # STACK). Re-run the ptxas Triton picks for this arch with Triton's own flags, and
         # check below that it rebuilt the same binary (same registers and stack).
@@ -229,7 +238,7 @@ def compile_one(kernel: AOTKernel, cc: int) -> dict:
              f"--gpu-name={sm_arch_from_capability(cc)}", str(ptx), "-o", str(rebuilt)],
             capture_output=True, text=True, check=True,
         ).stderr
-        res2 = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", str(rebuilt)], capture_output=True, text=True, check=True).stdout
+        res2 = _resources(rebuilt)
     m = _RES.search(res)
     if m is None:
         raise RuntimeError(f"could not read resource usage of {kernel.name} from cuobjdump:\n{res}")
@@ -270,7 +279,8 @@ def check_row(row: dict) -> list[str]:
     if spilled or row["local_bytes"] or row["stack_bytes"]:
         problems.append(
             f"{row['kernel']} on {row['arch']} uses local memory: spill stores {row['spill_store_bytes']} B, "
-            f"spill loads {row['spill_load_bytes']} B, stack {row['stack_bytes']} B, local {row['local_bytes']} B per thread"
+            f"spill loads {row['spill_load_bytes']} B, stack {row['stack_bytes']} B, "
+            f"local {row['local_bytes']} B per thread"
         )
     if row["registers"] > REGISTER_LIMIT:
         problems.append(f"{row['kernel']} on {row['arch']} uses {row['registers']} registers")
@@ -293,7 +303,8 @@ def run_gate(workers: int = 2) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["kernel", "arch", "num_warps", "num_stages", "registers", "spill_store_bytes", "stack_bytes", "shared_bytes"]
+    cols = ["kernel", "arch", "num_warps", "num_stages", "registers", "spill_store_bytes", "stack_bytes",
+            "shared_bytes"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

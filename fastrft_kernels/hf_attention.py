@@ -18,7 +18,8 @@ How it plugs in (transformers 5.x, read from modeling_qwen2_5_vl.py / masking_ut
   implementation's name contains "flash" (`is_flash_attention_requested`); any other name
   gets one call per image / window, split on the host. So the vision config is set to a
   second name for the same function, VISION_NAME = "fastrft_segment_flash_varlen" (our
-  kernel, not flash-attn; assigned to the vision configs directly, see `enable_segment_attention`): one call per vision layer, table from `cu_seq_lens_q` via
+  kernel, not flash-attn; assigned to the vision configs directly, see
+  `enable_segment_attention`): one call per vision layer, table from `cu_seq_lens_q` via
   `varlen_attention(causal=False)` (built once per cu_seqlens tensor, which the tower
   reuses across its layers). A call per image still works (is_causal=False: one full entry).
   The tower computes each image once whatever the text layout.
@@ -45,7 +46,7 @@ packed-sequence mask from them).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

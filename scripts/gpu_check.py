@@ -64,7 +64,8 @@ out["cuda_available"] = torch.cuda.is_available()
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     out.update(gpu=torch.cuda.get_device_name(0), sm_count=p.multi_processor_count,
-               gpu_memory_gib=round(p.total_memory / 2**30, 1), capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+               gpu_memory_gib=round(p.total_memory / 2**30, 1),
+               capability=".".join(map(str, torch.cuda.get_device_capability(0))),
                cuda=torch.version.cuda)
 import importlib.metadata as md
 for name in ("triton", "transformers", "accelerate", "peft", "liger-kernel", "trl", "datasets", "pyarrow",
@@ -192,7 +193,8 @@ def correctness_rows(report: Path) -> tuple[list[dict], list[dict]]:
         if r["outcome"] == "failed":
             err = [x for x in r.get("error", "").splitlines() if x.strip()]
             failures.append({"test": r["nodeid"], "when": r["when"],
-                             "error": next((x for x in reversed(err) if x.startswith("E ")), err[-1] if err else "")[:300]})
+                             "error": next((x for x in reversed(err) if x.startswith("E ")),
+                                           err[-1] if err else "")[:300]})
         if r["outcome"] == "skipped" and r.get("reason"):
             row.setdefault("skip_reasons", set()).add(r["reason"][:120])
     rows = []
@@ -285,7 +287,8 @@ def main(argv=None) -> int:
              "--providers", "fastrft_shared,fastrft_repeat,sdpa_dense_shared,flex_shared,flash_varlen_repeat"],
              {"FASTRFT_BACKEND": "triton"}),
             ("trainer", "trainer_kit", ["benchmarks.bench_trainer", "--shape", "tiny", "--steps", "1", "--prompts", "2",
-             "--G", "2", "--completion", "4", "--image-size", "56", "--trainers", "fastrft,trl", "--bf16", "false"], {}),
+             "--G", "2", "--completion", "4", "--image-size", "56", "--trainers", "fastrft,trl",
+             "--bf16", "false"], {}),
         ]
     else:
         bench = [
@@ -318,7 +321,8 @@ def main(argv=None) -> int:
             res["rows"] = len(data["rows"])
             files[part] = path.name
             # the trainer part fails when fastrft's side failed; TRL's side may be absent (not installed)
-            errors = [r for r in data["rows"] if r.get("error") and (r.get("trainer") == "fastrft" or part != "trainer")]
+            errors = [r for r in data["rows"]
+                      if r.get("error") and (r.get("trainer") == "fastrft" or part != "trainer")]
             if part == "trainer" and errors:
                 res.update(status="failed", error="; ".join(f"{r['trainer']}: {r['error']}" for r in errors))
         results.append(res)
@@ -349,7 +353,8 @@ def write_summary(out: Path, dry: bool, results: list[dict], files: dict, env_in
     lines = [f"# fastrft GPU check{' (CPU dry run)' if dry else ''}", ""]
     lines += [
         f"- device: {e.get('gpu') or 'CPU (dry run: Triton under TRITON_INTERPRET=1)'}"
-        + (f", {e.get('sm_count')} SMs, {e.get('gpu_memory_gib')} GiB, sm_{str(e.get('capability', '')).replace('.', '')}"
+        + (f", {e.get('sm_count')} SMs, {e.get('gpu_memory_gib')} GiB, "
+           f"sm_{str(e.get('capability', '')).replace('.', '')}"
            if e.get("gpu") else ""),
         f"- python {e.get('python')}, torch {e.get('torch')} (CUDA {e.get('cuda')}), triton {e.get('triton')}, "
         f"transformers {e.get('transformers')}",
@@ -360,7 +365,8 @@ def write_summary(out: Path, dry: bool, results: list[dict], files: dict, env_in
         "",
         "## Parts",
         "",
-        table([{**r, "error": (r.get("error") or "").splitlines()[-1][:160] if r.get("error") else ""} for r in results],
+        table([{**r, "error": (r.get("error") or "").splitlines()[-1][:160] if r.get("error") else ""}
+               for r in results],
               ["part", "status", "seconds", "budget_s", "rows", "error"]),
     ]
     by_part = {r["part"]: r for r in results}
@@ -384,7 +390,8 @@ def write_summary(out: Path, dry: bool, results: list[dict], files: dict, env_in
                 lines += ["", "Failures:", ""]
                 lines += [f"- `{f['test']}` ({f['when']}): {f['error']}" for f in data["failures"][:60]]
             if part == "lm_head":
-                rate = next((x.get("matmul_tflops_measured") for x in data["rows"] if x.get("matmul_tflops_measured")), None)
+                rate = next((x.get("matmul_tflops_measured") for x in data["rows"]
+                             if x.get("matmul_tflops_measured")), None)
                 if rate:
                     lines += ["", f"Matmul rate measured in this run: {rate:.4g} TFLOP/s; the floor fractions are "
                               "2NHV (forward) and 6NHV (forward + backward) at that rate over the time taken."]

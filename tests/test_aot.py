@@ -39,7 +39,8 @@ def test_gate_catches_a_spilling_kernel(tmp_path):
             out[f"{r}x{c}"] = {"row": row, "problems": check_row(row)}
         print(json.dumps(out))
     '''))
-    res = subprocess.run([sys.executable, str(tmp_path / "probe.py")], capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
+    res = subprocess.run([sys.executable, str(tmp_path / "probe.py")], capture_output=True, text=True, env=_env(),
+                         cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     big, small = out["64x128"], out["16x16"]
@@ -73,7 +74,8 @@ def test_gate_counts_shared_helpers_where_kernels_call_them_and_fails_on_an_unca
             out["orphan"] = str(e)
         del _triton._orphan
         configs = _linear_logprob.aot_configs
-        _linear_logprob.aot_configs = lambda: [k for k in configs() if k.fn is not _linear_logprob._linear_logprob_target_kernel]
+        target = _linear_logprob._linear_logprob_target_kernel
+        _linear_logprob.aot_configs = lambda: [k for k in configs() if k.fn is not target]
         try:
             aot.shipped_kernels()
             out["unlisted"] = "passed"
@@ -81,7 +83,8 @@ def test_gate_counts_shared_helpers_where_kernels_call_them_and_fails_on_an_unca
             out["unlisted"] = str(e)
         print(json.dumps(out))
     '''))
-    res = subprocess.run([sys.executable, str(tmp_path / "probe.py")], capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
+    res = subprocess.run([sys.executable, str(tmp_path / "probe.py")], capture_output=True, text=True, env=_env(),
+                         cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["helpers_covered"]

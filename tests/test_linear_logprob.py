@@ -4,9 +4,8 @@
 import pytest
 import torch
 
-from fastrft_kernels import linear_logprob, use_backend
-
 from fastrft_kernels import _linear_logprob as llp  # the op's module (private; tests reach its internals)
+from fastrft_kernels import linear_logprob, use_backend
 
 N, H, V = 37, 45, 131  # multiples of no block size (interpreter blocks 16 / 32 / 16, vocab split 64)
 IGNORED = [0, 5, 6, 30]
@@ -45,7 +44,7 @@ def test_matches_reference_every_output_and_gradient(backend, dtype):
     ref = _run("reference", hidden.double(), weight.double(), bias.double(), targets, 0.7, g_lp, g_ent)
     got = _run(backend, hidden, weight, bias, targets, 0.7, g_lp, g_ent)
     names = ["logp", "entropy", "d_hidden", "d_weight", "d_bias"]
-    for name, a, r in zip(names, got, ref):
+    for name, a in zip(names, got):
         assert torch.isfinite(a).all(), name
     assert (got[0][IGNORED] == 0).all() and (got[1][IGNORED] == 0).all()  # both outputs 0 at ignored rows
     assert (got[2][IGNORED] == 0).all()  # ignored rows get no gradient

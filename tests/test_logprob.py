@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from fastrft_kernels import use_backend
-from fastrft_kernels import logprob
+from fastrft_kernels import logprob, use_backend
 
 N, V = 13, 131  # V: a multiple of no block size (interpreter block 32)
 IGNORED = [2, 7]

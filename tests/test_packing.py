@@ -5,10 +5,10 @@ parameter as running each prompt + completion alone, unpadded, with transformers
 import pytest
 import torch
 
-from fastrft_kernels import linear_logprob
 from fastrft import models, packing, synthetic
 from fastrft.data import load_image, load_rows, render_prompt
 from fastrft.rollout import encode_prompts
+from fastrft_kernels import linear_logprob
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,8 @@ def test_budget_packing():
 
     groups = [grp(5, [3, 3]), grp(20, [2]), grp(4, [1, 1]), grp(3, [2, 2])]  # 9, 21, 4, 5 tokens
     batches = packing.pack_groups(groups, token_budget=14)
-    assert sorted(mb.n_tokens for mb in batches) == [4, 14, 21]  # first-fit decreasing: 21 alone (over budget), 9 + 5, 4
+    # first-fit decreasing: 21 alone (over budget), 9 + 5, 4
+    assert sorted(mb.n_tokens for mb in batches) == [4, 14, 21]
     assert all(mb.input_ids.numel() == int(mb.position_ids.shape[1]) for mb in batches)
     with pytest.raises(ValueError, match="token_budget must be > 0"):
         packing.pack_groups(groups, 0)

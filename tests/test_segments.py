@@ -15,7 +15,7 @@ def test_shared_prefix_mask_matches_the_rule():
     seg = shared_prefix_segments([5, 3], [[3, 0, 2], [4]])
     owner = {}  # token -> (group, prompt range, own range or None)
     layout = [(0, (0, 5), [(5, 8), (8, 8), (8, 10)]), (1, (10, 13), [(13, 17)])]
-    for g, (p0, p1), comps in layout:
+    for _g, (p0, p1), comps in layout:
         for i in range(p0, p1):
             owner[i] = ((p0, p1), None)
         for c0, c1 in comps:
