@@ -19,6 +19,7 @@ class OneProcess:
     """The accelerator of a single process: gather, reduce and pad are identities."""
 
     num_processes = 1
+    sync_gradients = True
 
     def gather(self, x):
         return x
@@ -32,7 +33,8 @@ class OneProcess:
         return x
 
 
-def trl_self(config, logps, entropies, *, use_vllm: bool) -> types.SimpleNamespace:
+def trl_self(config, logps, entropies, *, use_vllm: bool, accum: int = 1, steps_per_generation: int = 1,
+             num_processes: int = 1) -> types.SimpleNamespace:
     """What `_compute_loss` reads off `self`, for a fastrft `LossConfig` (TRL's epsilon is our
     epsilon_low). logps, entropies: [S, max_len] padded, what the model call returns;
     use_vllm: TRL then multiplies by the inputs' importance_sampling_ratio."""
@@ -46,12 +48,14 @@ def trl_self(config, logps, entropies, *, use_vllm: bool) -> types.SimpleNamespa
         beta=config.beta,
         top_entropy_quantile=config.top_entropy_quantile,
         max_completion_length=config.max_completion_length,
-        off_policy_mask_threshold=None,
+        off_policy_mask_threshold=getattr(config, "off_policy_mask_threshold", None),
         use_vllm=use_vllm,
         vllm_importance_sampling_correction=use_vllm,
         aux_loss_enabled=False,
-        _entropy_bonus_enabled=False,
-        current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=getattr(config, "entropy_coef", 0.0) != 0.0,
+        entropy_coef=getattr(config, "entropy_coef", 0.0),
+        use_adaptive_entropy=False,
+        current_gradient_accumulation_steps=accum,
         model=types.SimpleNamespace(training=True),
         accelerator=OneProcess(),
         _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
@@ -60,9 +64,18 @@ def trl_self(config, logps, entropies, *, use_vllm: bool) -> types.SimpleNamespa
             use_bias_correction_kl=config.use_bias_correction_kl,
             sapo_temperature_pos=config.sapo_temperature_pos,
             sapo_temperature_neg=config.sapo_temperature_neg,
-            steps_per_generation=1,
+            steps_per_generation=steps_per_generation,
+            vespo_k_pos=getattr(config, "vespo_k_pos", 2.0),
+            vespo_lambda_pos=getattr(config, "vespo_lambda_pos", 3.0),
+            vespo_k_neg=getattr(config, "vespo_k_neg", 3.0),
+            vespo_lambda_neg=getattr(config, "vespo_lambda_neg", 2.0),
         ),
     )
     ns._get_per_token_logps_and_entropies = lambda *a, **k: (logps, entropies, None)
     ns.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, ns)
+    ns.get_off_policy_mask = GRPOTrainer.get_off_policy_mask
+    if hasattr(GRPOTrainer, "get_gamma_weights"):
+        ns.get_gamma_weights = GRPOTrainer.get_gamma_weights
+    if num_processes != 1:
+        ns.accelerator.num_processes = num_processes
     return ns

@@ -43,8 +43,10 @@ def _coerce(name: str, value, tp):
         (inner,) = typing.get_args(tp)[:1] or (typing.Any,)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # a single value is a list of one: --reward_weights 2.0
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config {name}: expected a list, got {value!r}")
+            raise ValueError(f"config {name}: expected a list (a,b or [a, b]), got {value!r}")
         return [_coerce(name, v, inner) for v in value]
     if tp is typing.Any:
         return value
@@ -99,12 +101,13 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
-def load_config(cls, path: str | None = None, overrides: list[str] | dict | None = None):
-    """An instance of dataclass `cls`: defaults < YAML file `path` < `overrides`."""
+def load_config(cls, path: str | None = None, overrides: list[str] | dict | None = None, base: dict | None = None):
+    """An instance of dataclass `cls`: defaults < `base` (a saved run's config.yaml, for resume
+    and eval) < YAML file `path` < `overrides`."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     valid = sorted(fields)
-    values: dict = {}
+    values: dict = {k: v for k, v in (base or {}).items() if k in fields}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -129,4 +132,75 @@ def to_dict(config) -> dict:
 
 
 def save_config(config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """Writes atomically (a temporary file, fsynced, then renamed over `path`): a run killed
+    while writing it leaves the old config.yaml whole, never a truncated one."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(yaml.safe_dump(to_dict(config), sort_keys=False))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- --help
+
+
+def yaml_value(value) -> str:
+    """A default as one types it on the command line: null, true, 3e-4, colour,count."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(yaml_value(v) for v in value) if value else "[]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def field_docs(cls) -> list[tuple[str, list[tuple[str, str]]]]:
+    """[(group, [(field, description)])] from the dataclass source: `# --- group` lines start a
+    group; a field's description is its trailing comment (continued on `#` lines below it)."""
+    import inspect
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    groups: list[tuple[str, list[list[str]]]] = [("options", [])]
+    last = None
+    for line in inspect.getsource(cls).splitlines():
+        s = line.strip()
+        if s.startswith("# ---"):
+            groups.append((s.lstrip("# -").strip(), []))
+            last = None
+            continue
+        name = s.split(":", 1)[0].strip() if ":" in s else ""
+        if name in names and not s.startswith("#"):
+            comment = s.split("  # ", 1)[1].strip() if "  # " in s else ""
+            last = [name, comment]
+            groups[-1][1].append(last)
+        elif s.startswith("#") and last is not None:
+            last[1] = (last[1] + " " + s.lstrip("# ").strip()).strip()
+        elif s.startswith("def "):
+            break
+        else:
+            last = None if not s.startswith("#") else last
+    return [(g, [(n, d) for n, d in items]) for g, items in groups if items]
+
+
+def help_text(cls, command: str, keys: tuple[str, ...] | None = None) -> str:
+    """`fastrft <command> --help`: every key (or `keys`) grouped, with its default and description."""
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(cls)}
+    out = [f"usage: fastrft {command} [--config FILE.yaml] [--key value ...] [--debug]", ""]
+    for group, items in field_docs(cls):
+        items = [(n, d) for n, d in items if keys is None or n in keys]
+        if not items:
+            continue
+        out.append(f"{group}:")
+        for name, doc in items:
+            out.append(f"  --{name} {yaml_value(defaults[name])}")
+            if doc:
+                out.append(f"      {doc}")
+        out.append("")
+    out.append("Lists take a,b or [a, b] (a single value is a list of one); null, true/false as in YAML.")
+    return "\n".join(out)

@@ -27,7 +27,8 @@ def evaluate(model, processor, rows: list[dict], reward_fn, *, max_prompt_length
         prompts = encode_prompts(
             processor,
             [render_prompt(processor, r, system_prompt) for r in chunk],
-            [[load_image(im, row_index=start + i, image_size=image_size) for im in r["images"]] for i, r in enumerate(chunk)],
+            [[load_image(im, where=getattr(r, "where", None), image_size=image_size) for im in r["images"]]
+             for r in chunk],
             max_prompt_length,
         )
         out = sample_completions(

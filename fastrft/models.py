@@ -9,26 +9,28 @@ text-only causal LMs with `AutoModelForCausalLM` and `AutoTokenizer`. Qwen2-VL a
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
-def load_processor(name: str):
-    """The processor of `name` (or its tokenizer for a text-only model)."""
+def load_processor(name: str, **kw):
+    """The processor of `name` (or its tokenizer for a text-only model); `kw` to from_pretrained."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     try:
-        proc = AutoProcessor.from_pretrained(name)
+        proc = AutoProcessor.from_pretrained(name, **kw)
         if hasattr(proc, "image_processor"):
             return proc
     except (ValueError, TypeError, AttributeError, ImportError, OSError, KeyError):
         pass
     # AutoProcessor gave a bare tokenizer or failed: a text-only model, or a Qwen-VL folder
     # whose processor class cannot load here (its video processor needs torchvision)
-    tok = AutoTokenizer.from_pretrained(name)
+    tok = AutoTokenizer.from_pretrained(name, **kw)
     try:
-        image_processor = AutoImageProcessor.from_pretrained(name, backend="pil")
+        image_processor = AutoImageProcessor.from_pretrained(name, backend="pil", **kw)
     except (ValueError, TypeError, OSError, ImportError, KeyError):
         return tok
     return image_text_processor(image_processor, tok, getattr(tok, "chat_template", None))
@@ -51,15 +53,95 @@ def image_text_processor(image_processor, tokenizer, chat_template=None):
     return ImageTextProcessor(image_processor, tokenizer, chat_template=chat_template)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub's endpoint (HF_ENDPOINT), no retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_model_source(name: str) -> bool:
+    """Says what is wrong with `--model name` before transformers does (a missing folder read as
+    a malformed repo id, a typo spending half a minute on hub retries, a run folder read as an
+    unrecognized model). Returns True when `name` must load from the local cache only (offline)."""
+    import difflib
+    import os
+    from pathlib import Path
+
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return False
+        ckpts = sorted((p / "checkpoints").glob("step-*")) if (p / "checkpoints").is_dir() else []
+        if ckpts or (p / "config.yaml").is_file():
+            hint = f": pass one of its checkpoints, e.g. --model {ckpts[-1]}" if ckpts else " (it has no checkpoint yet)"
+            raise ValueError(f"--model {name} is a run folder, not a model{hint}")
+        raise ValueError(f"--model {name} is a folder without a model (no config.json): pass a save_pretrained "
+                         "folder, a checkpoint (runs/<run>/checkpoints/step-N) or tiny")
+    # a hub id is "name" or "org/name"; a path (./x, /x, a/b/c, or runs/x where runs/ exists here) is a folder
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") >= 2 or \
+        (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())
+    close = difflib.get_close_matches(name, ["tiny"], n=1, cutoff=0.6)
+    if looks_local or close:
+        hint = "did you mean tiny (the embedded model)? " if close else ""
+        runs_dir = Path("runs")
+        found = sorted(runs_dir.glob("*/checkpoints/step-*"))[-3:] if runs_dir.is_dir() else []
+        more = f"; checkpoints here: {', '.join(map(str, found))}" if found else ""
+        raise ValueError(f"--model {name}: no such folder; {hint}--model takes tiny, a local model folder or a "
+                         f"hub id (org/name){more}")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0") or not _hub_reachable():
+        return True  # offline: the local cache only, at once (no retries)
+    return False
+
+
+def _check_cache(name: str, offline: bool) -> None:
+    """Offline: the model must be in the local cache (looked up there first, so that nothing asks
+    the network and retries); then the hub libraries are put offline. OSError when it is not."""
+    if not offline:
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise OSError(f"{name} is not in the local cache")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+
+
 def load_model(name: str, *, dtype: torch.dtype = torch.float32):
-    """(model, processor) of the folder or hub id `name`."""
+    """(model, processor) of the folder or hub id `name` (checked first: `check_model_source`)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    offline = check_model_source(name)
+    kw = {"local_files_only": True} if offline else {}
     try:
-        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
-    except ValueError:  # not an image-text-to-text architecture: a text-only causal LM
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    return model, load_processor(name)
+        _check_cache(name, offline)
+    except OSError:
+        raise ValueError(f"--model {name}: offline (the hub at {os.environ.get('HF_ENDPOINT', 'huggingface.co')} "
+                         "cannot be reached, or HF_HUB_OFFLINE is set) and the model is not in the local cache: "
+                         "download it where there is a network (huggingface-cli download "
+                         f"{name}) or pass a local folder") from None
+    try:
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, **kw)
+        except ValueError as e:  # not an image-text-to-text architecture: a text-only causal LM
+            if offline and "local_files_only" in str(e):
+                raise OSError(str(e)) from e
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw)
+        return model, load_processor(name, **kw)
+    except OSError as e:
+        if offline:
+            raise ValueError(f"--model {name}: offline (the hub at {os.environ.get('HF_ENDPOINT', 'huggingface.co')} "
+                             "cannot be reached, or HF_HUB_OFFLINE is set) and the model is not in the local cache: "
+                             "download it where there is a network (huggingface-cli download "
+                             f"{name}) or pass a local folder") from None
+        raise ValueError(f"--model {name}: cannot load it from the hub ({str(e).splitlines()[0]})") from None
 
 
 def is_mrope(model) -> bool:

@@ -191,4 +191,7 @@ def packed_forward(model, mb: MicroBatch) -> torch.Tensor:
 def completion_hidden(model, mb: MicroBatch) -> torch.Tensor:
     """Hidden states of the rows that predict each completion token, [N, H]: the prompt's
     last row once per completion (its gradient sums over the G completions)."""
+    root = model.__dict__.get("_fastrft_fsdp_root")  # FSDP2: through the sharded root (fastrft/distributed.py)
+    if root is not None:
+        return root(mb)
     return packed_forward(model, mb)[mb.rows]

@@ -136,7 +136,7 @@ def _generate_shared_prefill(model, inputs: dict, g: int, kw: dict) -> torch.Ten
         use_cache=True,
         logits_to_keep=1,  # the prefill's logits are not used: 1 row instead of L x V
     )
-    cache = out.past_key_values
+    cache = out.cache if "cache" in out else out.past_key_values  # transformers 5.25 renamed it
     cache.batch_repeat_interleave(g)
     inner = getattr(model, "model", None)
     if getattr(inner, "rope_deltas", None) is not None:  # Qwen-VL: mrope offset of text after images
@@ -146,9 +146,21 @@ def _generate_shared_prefill(model, inputs: dict, g: int, kw: dict) -> torch.Ten
         input_ids=_expand(ids, g),
         attention_mask=_expand(mask, g),
         **({"mm_token_type_ids": _expand(mm, g)} if mm is not None else {}),
-        past_key_values=cache,
+        **{_cache_kwarg(model): cache},
         **kw,
     )
+
+
+def _cache_kwarg(model) -> str:
+    """`generate`'s name for a given KV cache: `cache` where transformers renamed it (there
+    `past_key_values` warns a FutureWarning on every call), else `past_key_values`."""
+    import inspect
+
+    try:
+        src = inspect.getsource(inspect.unwrap(type(model).generate))  # decorators included
+    except (OSError, TypeError):
+        return "past_key_values"
+    return "cache" if 'new_name="cache"' in src else "past_key_values"
 
 
 @torch.no_grad()
@@ -163,8 +175,13 @@ def sample_completions(
     top_p: float = 1.0,
     top_k: int = 0,
     share_prefill: bool = True,
+    keyed_sampler=None,
 ) -> Rollout:
     """G completions for each prompt of `prompts` (temperature <= 0: greedy).
+
+    `keyed_sampler`: a `fastrft.sampling.KeyedSampler` (temperature, top-k/p and counter-based
+    Gumbel noise; greedy on the result), so that the samples do not depend on the batch or rank;
+    it needs the shared-prefill route (rows prompt-major).
 
     Returns a `Rollout` whose completions stop at eos (kept) or at max_completion_length
     (marked truncated)."""
@@ -173,16 +190,26 @@ def sample_completions(
         processor, max_new_tokens=max_completion_length, temperature=temperature, top_p=top_p, top_k=top_k
     )
     g = num_generations
+    if keyed_sampler is not None and kw["do_sample"]:
+        from transformers import LogitsProcessorList
+
+        keyed_sampler.prompt_len = prompts.inputs["input_ids"].shape[1]
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                  logits_processor=LogitsProcessorList([keyed_sampler]))
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     inputs = prompts.inputs
     shared = share_prefill and inputs["input_ids"].shape[1] > 1
+    if keyed_sampler is not None and not shared:
+        raise ValueError("keyed (rank-invariant) sampling needs share_prefill and prompts of more than one token")
     try:
         if shared:
             try:
                 seqs = _generate_shared_prefill(model, inputs, g, kw)
             except (AttributeError, NotImplementedError, TypeError):
+                if keyed_sampler is not None:
+                    raise
                 shared = False  # a cache without batch_repeat_interleave, or a model without logits_to_keep
         if not shared:
             if kw["do_sample"]:

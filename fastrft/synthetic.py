@@ -47,6 +47,7 @@ SPECIAL_TOKENS = [
     "<|video_pad|>",
     "<unk>",
 ]
+EOS_ID = SPECIAL_TOKENS.index("<|im_end|>")  # the tiny tokenizer's eos (ids are list positions)
 WORDS = [
     "user", "assistant", "system", "what", "colour", "is", "the", "how", "many", "shapes", "are",
     "there", "where", "?", "answer", ":", "<think>", "</think>", "<answer>", "</answer>",
@@ -250,3 +251,11 @@ def write_jsonl(rows: list[dict], folder: str | os.PathLike, name: str, image_si
             render(row["objects"], image_size).save(folder / image)
             f.write(json.dumps({"image": image, "problem": row["problem"], "solution": row["solution"]}) + "\n")
     return path
+
+
+if __name__ == "__main__":  # python -m fastrft.synthetic [FOLDER]: the shapes data as a user's files
+    import sys
+
+    out = sys.argv[1] if len(sys.argv) > 1 else "data"
+    for name, n, seed in (("train", 512, 0), ("test", 64, 1_000_003)):
+        print(write_jsonl(make_split(n, seed, ("colour",)), out, name))

@@ -84,7 +84,11 @@ STAT_NAMES = (
     "kl",
     "entropy",
     "ratio_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_max",
+    "vespo/phi_seq_mean",
 )
+_VESPO_LOG_MIN = math.log(1e-8)  # TRL's lower clamp of vespo's log-weights
 
 _CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
@@ -103,6 +107,7 @@ def policy_loss(
     entropy: torch.Tensor | None = None,
     importance_sampling_ratio: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    sampling_logp: torch.Tensor | None = None,
     config: LossConfig,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO-family loss of packed sequences (see the module docstring for the formulas).
@@ -118,21 +123,45 @@ def policy_loss(
         importance_sampling_ratio: (T,), float, or None: rollout-engine correction multiplying the
             policy term of each token (TRL's vLLM importance sampling).
         mask: (T,), bool, or None: tokens that count (False where the target is ignore_index).
+        sampling_logp: (T,), float, or None: log-probabilities under the rollout engine, read by the
+            off-policy mask only (TRL's sampling_per_token_logps; None: old_logp).
         config: LossConfig.
+
+    With config.entropy_coef != 0 the loss is `policy - entropy_coef * H` (H: the mean of `entropy`
+    over the valid tokens, the high-entropy ones when top_entropy_quantile < 1); it is then
+    differentiable in `entropy` too, through that term only.
 
     Returns:
         loss: 0-dim float32 (float64 for float64 logp on the torch and reference backends).
-        stats: dict of 0-dim tensors, keys STAT_NAMES (TRL's metric names plus `ratio_mean`).
+        stats: dict of 0-dim tensors, keys STAT_NAMES (TRL's metric names plus `ratio_mean`) and
+        `policy_loss` (the loss without the entropy bonus, TRL's metric of that name).
     """
-    _validate(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, importance_sampling_ratio, mask, config)
+    _validate(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, importance_sampling_ratio, mask, config,
+              sampling_logp)
     args = (logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, importance_sampling_ratio, mask, config)
     backend = resolve_backend(logp.device)
     if backend == "reference":
-        return _reference(*args)
-    if backend == "torch":
-        return _torch_loss(*args)
-    outs = _PolicyLossFunction.apply(*args)
-    return outs[0], dict(zip(STAT_NAMES, outs[1:]))
+        loss, stats = _reference(*args, sampling_logp)
+    elif backend == "torch":
+        loss, stats = _torch_loss(*args, sampling_logp)
+    else:
+        outs = _PolicyLossFunction.apply(*args, sampling_logp)
+        loss, stats = outs[0], dict(zip(STAT_NAMES, outs[1:]))
+    stats["policy_loss"] = loss.detach()
+    if config.entropy_coef != 0.0:
+        loss = loss - config.entropy_coef * entropy_bonus(entropy, mask, config).to(loss.dtype)
+    return loss, stats
+
+
+def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor | None, config: LossConfig) -> torch.Tensor:
+    """TRL's entropy bonus H: the mean of `entropy` over the valid tokens that the policy term acts on
+    (mask, times the high-entropy mask when top_entropy_quantile < 1), differentiable in entropy."""
+    valid = torch.ones_like(entropy, dtype=torch.bool) if mask is None else mask  # [T]
+    eff = valid
+    if config.top_entropy_quantile < 1.0:
+        eff = _high_entropy_mask(entropy, valid, config.top_entropy_quantile)
+    eff = eff.to(entropy.dtype)
+    return (entropy * eff).sum() / eff.sum().clamp(min=1.0)
 
 
 def policy_loss_with_grad(
@@ -145,6 +174,7 @@ def policy_loss_with_grad(
     entropy: torch.Tensor | None = None,
     importance_sampling_ratio: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    sampling_logp: torch.Tensor | None = None,
     config: LossConfig,
     validate: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
@@ -152,19 +182,21 @@ def policy_loss_with_grad(
 
     Internal: for the fused LM-head loss, which turns g_logp into gradients of hidden and weight.
     `validate=False` skips the argument checks, including the host read of cu_seqlens (the
-    caller has checked them once).
+    caller has checked them once). The entropy bonus (config.entropy_coef) is NOT included: the
+    caller adds `- entropy_coef * entropy_bonus(...)` on its differentiable entropies.
     """
     if validate:
-        _validate(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, importance_sampling_ratio, mask, config)
+        _validate(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, importance_sampling_ratio, mask, config,
+                  sampling_logp)
     args = (advantages, cu_seqlens, old_logp, ref_logp, entropy, importance_sampling_ratio, mask, config)
     backend = resolve_backend(logp.device)
     if backend == "triton":
-        return _triton_forward(logp, *args, need_grad=True)
+        return _triton_forward(logp, *args, sampling_logp, need_grad=True)
     fn = _reference if backend == "reference" else _torch_loss
     dtype = acc_dtype(logp.dtype)
     leaf = logp.detach().to(dtype).requires_grad_(True)  # [T]
     with torch.enable_grad():
-        loss, stats = fn(leaf, *args)
+        loss, stats = fn(leaf, *args, sampling_logp)
         (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
     if g is None:  # T == 0
         g = torch.zeros_like(leaf)
@@ -174,7 +206,7 @@ def policy_loss_with_grad(
 # ---------------------------------------------------------------------------------- argument checks
 
 
-def _validate(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config):
+def _validate(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config, sampling_logp=None):
     check_config(config)
     check_tensor("logp", logp, ndim=1, float_=True)
     T = logp.numel()
@@ -182,19 +214,25 @@ def _validate(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, ma
         check_tensor("mask", mask, ndim=1, dtype=torch.bool)
         if mask.numel() != T:
             raise ValueError(f"mask must have one value per token (T={T}), got {mask.numel()}")
-    per_token = dict(old_logp=old_logp, ref_logp=ref_logp, entropy=entropy, importance_sampling_ratio=isr)
+    per_token = dict(old_logp=old_logp, ref_logp=ref_logp, entropy=entropy, importance_sampling_ratio=isr,
+                     sampling_logp=sampling_logp)
     check_loss_args(config, T, advantages, cu_seqlens, per_token=per_token, logp=logp, mask=mask)
     if config.top_entropy_quantile < 1.0 and entropy is None:
         raise ValueError(
             f"entropy (T,) is required when config.top_entropy_quantile < 1 (got {config.top_entropy_quantile}): "
             "the high-entropy token mask is computed from it"
         )
+    if config.entropy_coef != 0.0 and entropy is None:
+        raise ValueError(
+            f"entropy (T,) is required when config.entropy_coef != 0 (got {config.entropy_coef}): the entropy "
+            "bonus is its mean"
+        )
 
 
 # ---------------------------------------------------------------------------------------- reference
 
 
-def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config):
+def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config, sampling_logp=None):
     """The spec: TRL's `_compute_loss` formulas applied one sequence at a time."""
     dt = acc_dtype(logp.dtype)
     device = logp.device
@@ -203,6 +241,7 @@ def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, m
     S = len(cu) - 1
     data = lambda x: None if x is None else x.detach().to(dt)  # noqa: E731
     old, ref, isr_, adv = data(old_logp), data(ref_logp), data(isr), data(advantages)
+    samp = data(sampling_logp)
     lp_all = logp.to(dt)
     m_all = torch.ones(T, dtype=torch.bool, device=device) if mask is None else mask
     per_token_adv = adv.numel() == T and T != S
@@ -218,6 +257,7 @@ def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, m
     eps_low, eps_high = config.epsilon_low, config.epsilon_high
     seq_loss, seq_n, seq_c1 = [], [], []
     kl_parts, c1_parts, flags = [], [], []  # per token (or per sequence) pieces of the statistics
+    seq_flags, phi_parts = [], []  # per-sequence clip fractions (TRL's masked_seq_mean), vespo weights
     for s in range(S):
         sl = slice(cu[s], cu[s + 1])
         lp, m = lp_all[sl], m_all[sl].to(dt)
@@ -231,6 +271,12 @@ def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, m
         else:
             log_w = ((log_ratio * m).sum() / m.sum().clamp(min=1.0)).reshape(1)
         coef_1 = torch.exp(log_w)
+        opm = None
+        if config.off_policy_mask_threshold is not None:  # TRL's get_off_policy_mask
+            smp = o if samp is None else torch.where(m > 0, samp[sl], torch.zeros_like(lp))
+            kl_div = torch.nan_to_num(smp - lp.detach(), nan=0.0)
+            avg_kl = (kl_div * m).sum() / m.sum().clamp(min=1.0)
+            opm = ((A >= 0) | (avg_kl <= config.off_policy_mask_threshold)).to(dt)
         per_token_kl = None
         if ref is not None:
             r = torch.where(m > 0, ref[sl], torch.zeros_like(lp))
@@ -254,14 +300,31 @@ def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, m
             per_token_loss = -torch.min(coef_1 * A, coef_2 * A)
             low = (coef_1 < 1 - eps_low) & (A < 0)
             high = (coef_1 > 1 + eps_high) & (A > 0)
+        elif config.loss_type == "vespo":  # TRL's get_gamma_weights, one sequence
+            with torch.no_grad():
+                seq_lr = (torch.clamp(log_ratio.detach(), -20.0, 20.0) * m).sum().reshape(1)  # TRL's (B, 1)
+                if isr_ is not None:
+                    r_is = torch.where(m > 0, isr_[sl], torch.ones_like(lp))
+                    seq_lr = seq_lr + torch.clamp(torch.log(r_is), _VESPO_LOG_MIN, 20.0).sum()
+                log_w_seq = torch.clamp(seq_lr, _VESPO_LOG_MIN, 20.0)
+                nonneg = A >= 0
+                k = torch.where(nonneg, config.vespo_k_pos, config.vespo_k_neg)  # fp32, as TRL's
+                lam = torch.where(nonneg, config.vespo_lambda_pos, config.vespo_lambda_neg).clamp(min=1e-4)
+                phi = torch.exp(lam + k * log_w_seq - lam * torch.exp(log_w_seq))
+                phi = phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).to(dt)  # [1] or [n]
+            per_token_loss = -phi * A * lp
+            phi_parts.append(phi.sum() if not per_token_adv else (phi * m).sum())
+            low = high = None
         else:  # sapo
             tau = torch.where(A > 0, config.sapo_temperature_pos, config.sapo_temperature_neg).to(dt)
             per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * A
             low = high = None
         per_token_loss = per_token_loss.expand(lp.shape)
+        if opm is not None:
+            per_token_loss = per_token_loss * opm
         if emask_all is not None:
             per_token_loss = per_token_loss * emask_all[sl]
-        if isr_ is not None:
+        if isr_ is not None and config.loss_type != "vespo":
             per_token_loss = per_token_loss * torch.where(m > 0, isr_[sl], torch.ones_like(lp))
         if config.beta != 0.0:
             per_token_loss = per_token_loss + config.beta * per_token_kl
@@ -273,9 +336,11 @@ def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, m
         if low is not None:
             if config.importance_sampling_level == "sequence" and not per_token_adv:  # TRL's (B, 1) case
                 flags.append((low.to(dt).sum(), high.to(dt).sum(), torch.ones((), dtype=dt, device=device)))
+                seq_flags.append((low.to(dt).sum(), high.to(dt).sum()))
             else:
                 lw, hg = low.expand(lp.shape).to(dt), high.expand(lp.shape).to(dt)
                 flags.append(((lw * m).sum(), (hg * m).sum(), m.sum()))
+                seq_flags.append(((lw * m).sum() / m.sum(), (hg * m).sum() / m.sum()))  # NaN when empty
         if config.importance_sampling_level == "token":
             c1_parts.append((torch.exp(log_w.detach()) * m).sum())
         else:
@@ -292,13 +357,25 @@ def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, m
         loss = seq_loss.sum() / N.clamp(min=1.0)
     elif lt == "dr_grpo":
         loss = seq_loss.sum() / (max(S, 1) * config.max_completion_length)
-    elif lt in ("dapo", "cispo"):
+    elif lt in ("dapo", "cispo", "vespo"):
         items = N if config.num_items_in_batch is None else torch.as_tensor(config.num_items_in_batch).to(dt)
         loss = seq_loss.sum() / items.to(device).clamp(min=1.0)
     else:  # luspo
         loss = seq_loss.sum() / max(S, 1)
     stats = {}
-    if config.loss_type == "sapo":
+    if config.loss_type in _CLIP_TYPES and S:
+        nanmin = lambda v: v[~v.isnan()].min() if (~v.isnan()).any() else _nan(dt, device)  # noqa: E731
+        nanmax = lambda v: v[~v.isnan()].max() if (~v.isnan()).any() else _nan(dt, device)  # noqa: E731
+        stats["clip_ratio/low_min"] = nanmin(torch.stack([f[0] for f in seq_flags]))
+        stats["clip_ratio/high_max"] = nanmax(torch.stack([f[1] for f in seq_flags]))
+    else:
+        stats["clip_ratio/low_min"] = stats["clip_ratio/high_max"] = _nan(dt, device)
+    if config.loss_type == "vespo":
+        den = N.clamp(min=1.0) if per_token_adv else max(S, 1)
+        stats["vespo/phi_seq_mean"] = sum(phi_parts, zero) / den
+    else:
+        stats["vespo/phi_seq_mean"] = _nan(dt, device)
+    if config.loss_type in ("sapo", "vespo"):
         for k in STAT_NAMES[:3]:
             stats[k] = _nan(dt, device)
     else:
@@ -321,7 +398,7 @@ def _reference(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, m
 # --------------------------------------------------------------------------------------- torch path
 
 
-def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config):
+def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config, sampling_logp=None):
     """Vectorized over tokens and sequences (segment sums with index_add), differentiable in logp."""
     dt = acc_dtype(logp.dtype)
     device = logp.device
@@ -359,8 +436,14 @@ def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, 
             per_token_kl = torch.exp(ref - lp) - (ref - lp) - 1
         if config.use_bias_correction_kl:
             per_token_kl = per_token_kl * coef_1  # [T]
+    opm, phi, phi_stat = _policy_factors(
+        lp.detach(), old, sampling_logp, A, adv, isr, m, sid, n_seq, config, dt, per_seq_adv
+    )
     capped = coef_1
-    if config.loss_type == "cispo":
+    if config.loss_type == "vespo":
+        per_token_loss = -phi * A * lp
+        low = high = None
+    elif config.loss_type == "cispo":
         per_token_loss = -torch.clamp(coef_1, max=eps_high).detach() * A * lp
         low = torch.zeros(T, dtype=torch.bool, device=device)
         high = (coef_1 > eps_high) & (A > 0)
@@ -379,9 +462,11 @@ def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, 
         tau = torch.where(A > 0, pos, neg).to(dt)  # [T]
         per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * A
         low = high = None
+    if opm is not None:
+        per_token_loss = per_token_loss * opm
     if config.top_entropy_quantile < 1.0:
         per_token_loss = per_token_loss * _high_entropy_mask(entropy, m, config.top_entropy_quantile)
-    if isr is not None:
+    if isr is not None and config.loss_type != "vespo":
         per_token_loss = per_token_loss * torch.where(m, isr.detach().to(dt), torch.ones_like(zeros))
     if config.beta != 0.0:
         per_token_loss = per_token_loss + config.beta * per_token_kl
@@ -390,6 +475,7 @@ def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, 
 
     stats = {}
     Nc = N.clamp(min=1)
+    stats["vespo/phi_seq_mean"] = phi_stat
     if low is None:
         for k in STAT_NAMES[:3]:
             stats[k] = _nan(dt, device)
@@ -399,6 +485,11 @@ def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, 
         stats["clip_ratio/low_mean"] = (low.to(dt) * mf).sum() / Nc
         stats["clip_ratio/high_mean"] = (high.to(dt) * mf).sum() / Nc
         stats["clip_ratio/region_mean"] = ((low | high).to(dt) * mf).sum() / Nc
+    if low is None or config.loss_type not in _CLIP_TYPES:
+        stats["clip_ratio/low_min"] = stats["clip_ratio/high_max"] = _nan(dt, device)
+    elif not (seq_level and per_seq_adv):
+        stats["clip_ratio/low_min"] = _seq_nanmin(seg_sum(low.to(dt) * mf), n_seq, largest=False)
+        stats["clip_ratio/high_max"] = _seq_nanmin(seg_sum(high.to(dt) * mf), n_seq, largest=True)
     stats["kl"] = (per_token_kl.detach() * mf).sum() / Nc if per_token_kl is not None else _nan(dt, device)
     stats["entropy"] = (
         (torch.where(m, entropy.detach().to(dt), zeros)).sum() / Nc if entropy is not None else _nan(dt, device)
@@ -408,6 +499,63 @@ def _torch_loss(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, 
     else:
         stats["ratio_mean"] = (coef_1.detach() * mf).sum() / Nc
     return loss, {k: stats[k] for k in STAT_NAMES}
+
+
+def _policy_factors(lp_det, old, sampling_logp, A, advantages, isr, m, sid, n_seq, config, dt, per_seq_adv):
+    """The detached per-token factors of the policy term that are functions of whole sequences,
+    on the device with no host read (shared by the torch path and the triton launcher):
+
+    opm [T] (or None): TRL's off-policy sequence mask, 1 keep / 0 drop;
+    phi [T] (or None): vespo's gamma weight of the sequence ratio (TRL's get_gamma_weights);
+    phi_stat: 0-dim, TRL's `vespo/phi_seq_mean` (a mean over sequences, or over valid tokens with
+    per-token advantages); NaN unless vespo.
+    lp_det, old: [T] masked (0 at invalid tokens), dt; A [T]; m [T] bool; sid [T]; n_seq [S].
+    """
+    S = n_seq.numel()
+    device = lp_det.device
+    zeros = torch.zeros_like(lp_det)
+    seg_sum = lambda x: torch.zeros(S, dtype=dt, device=device).index_add(0, sid, x)  # noqa: E731
+    opm = phi = None
+    phi_stat = _nan(dt, device)
+    if config.off_policy_mask_threshold is not None:
+        smp = old if sampling_logp is None else torch.where(m, sampling_logp.detach().to(dt), zeros)
+        kl_div = torch.where(m, torch.nan_to_num(smp - lp_det, nan=0.0), zeros)  # [T]
+        avg_kl = seg_sum(kl_div) / n_seq.clamp(min=1)  # [S]
+        opm = ((A >= 0) | (avg_kl[sid] <= config.off_policy_mask_threshold)).to(dt)  # [T]
+    if config.loss_type == "vespo":
+        seq_lr = seg_sum(torch.where(m, torch.clamp(lp_det - old, -20.0, 20.0), zeros))  # [S]
+        if isr is not None:
+            log_is = torch.clamp(torch.log(isr.detach().to(dt)), _VESPO_LOG_MIN, 20.0)
+            seq_lr = seq_lr + seg_sum(torch.where(m, log_is, zeros))
+        log_w = torch.clamp(seq_lr, _VESPO_LOG_MIN, 20.0)  # [S]
+        # per sequence (TRL's (B, 1)) or per token when the advantages are
+        adv = advantages.detach().to(dt) if per_seq_adv else A  # [S] or [T]
+        if not per_seq_adv:
+            log_w = log_w[sid]  # [T]
+        nonneg = adv >= 0
+        # fp32 k and lambda, as TRL's torch.where over Python floats makes them
+        f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731 0-dim CPU: enters as a scalar
+        k = torch.where(nonneg, f32(config.vespo_k_pos), f32(config.vespo_k_neg)).to(dt)
+        lam = torch.where(nonneg, f32(config.vespo_lambda_pos), f32(config.vespo_lambda_neg)).clamp(min=1e-4).to(dt)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        if per_seq_adv:  # the mean over the S sequences, empty ones included (phi = 1 there)
+            phi_stat = phi.sum() / max(S, 1)
+            phi = phi[sid]  # [T]
+        else:
+            mf = m.to(dt)
+            phi_stat = (phi * mf).sum() / mf.sum().clamp(min=1)
+    return opm, phi, phi_stat
+
+
+def _seq_nanmin(sums, n_seq, *, largest):
+    """TRL's nanmin (largest=False) / nanmax of the per-sequence means sums / n_seq over the
+    sequences with a valid token (0/0 is NaN there); NaN when there is none. No host read."""
+    ok = n_seq > 0
+    vals = sums / n_seq.clamp(min=1)
+    fill = math.inf if not largest else -math.inf
+    ext = torch.cat([torch.where(ok, vals, torch.full_like(vals, fill)), torch.full_like(vals[:1], fill)])
+    r = ext.max() if largest else ext.min()
+    return torch.where(ok.any(), r, torch.full_like(r, math.nan))
 
 
 def _sequence_clip_stats(c_seq, adv, config, dtype):
@@ -423,10 +571,13 @@ def _sequence_clip_stats(c_seq, adv, config, dtype):
         lo = (cap < 1 - config.epsilon_low) & (adv < 0)
         hi = (cap > 1 + config.epsilon_high) & (adv > 0)
     S1 = max(S, 1)
+    ones = torch.ones(S, dtype=dtype, device=c_seq.device)  # every sequence counts, empty ones included
     return {
         "clip_ratio/low_mean": lo.to(dtype).sum() / S1,
         "clip_ratio/high_mean": hi.to(dtype).sum() / S1,
         "clip_ratio/region_mean": (lo | hi).to(dtype).sum() / S1,
+        "clip_ratio/low_min": _seq_nanmin(lo.to(dtype), ones, largest=False),
+        "clip_ratio/high_max": _seq_nanmin(hi.to(dtype), ones, largest=True),
     }
 
 
@@ -490,7 +641,7 @@ def _nan(dtype, device):
 
 # --------------------------------------------------------------------- triton kernels and launchers
 
-_POLICY_CODE = {"cispo": 1, "sapo": 2}  # every other loss type is the clip objective (0)
+_POLICY_CODE = {"cispo": 1, "sapo": 2, "vespo": 3}  # every other loss type is the clip objective (0)
 _KL_CODE = {"k1": 1, "k2": 2, "k3": 3}
 _NCOL = 8  # columns of the per-sequence output of phase 0, see _policy_loss_fwd_kernel
 _BLOCK = 512  # tokens per loop step of a sequence program (completions run 100s-10,000s of tokens)
@@ -511,7 +662,7 @@ if HAVE_TRITON:
         eps_low: tl.float32, eps_high: tl.float32, delta: tl.float32, beta: tl.float32,
         tau_pos: tl.float32, tau_neg: tl.float32,
         PHASE: tl.constexpr,  # 0: per-sequence sums; 1: per-token gradient
-        POLICY: tl.constexpr,  # 0 clip, 1 cispo, 2 sapo
+        POLICY: tl.constexpr,  # 0 clip, 1 cispo, 2 sapo, 3 vespo
         SEQ_LEVEL: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_IN_LOSS: tl.constexpr,
         KL_EST: tl.constexpr, BIAS_CORR: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_MASK: tl.constexpr,
         HAS_EMASK: tl.constexpr, HAS_ISR: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
@@ -608,6 +759,13 @@ if HAVE_TRITON:
                 dP_direct = -capped * A
                 low = zero > 0.0  # cispo has no lower clip: all False
                 high = (c1 > eps_high) & (A > 0.0)
+            elif POLICY == 3:
+                # vespo: -phi A logp, phi (detached, with the off-policy mask) is the weight w
+                P = -A * lp
+                dP = zero
+                dP_direct = -A
+                low = zero > 0.0
+                high = low
             else:
                 tau = tl.where(A > 0.0, tau_pos, tau_neg)
                 sg = tl.sigmoid(tau * (c1 - 1.0))
@@ -692,8 +850,13 @@ def _flags(config, ref_logp, isr, mask, advantages, T, S):
     )
 
 
-def _triton_forward(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config, *, need_grad):
-    """Phase 0 of the kernel, the [S]-sized normalizer and statistics ops, then phase 1 when need_grad."""
+def _triton_forward(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config, sampling_logp=None,
+                    *, need_grad):
+    """Phase 0 of the kernel, the [S]-sized normalizer and statistics ops, then phase 1 when need_grad.
+
+    The sequence-wide factors of the policy term (off-policy mask, vespo's gamma weight) are
+    formed before the launch with [T]/[S]-sized torch ops and enter the kernel, multiplied with
+    the rollout importance-sampling ratio, as its per-token policy weight (the isr input)."""
     device = logp.device
     T = logp.numel()
     S = cu_seqlens.numel() - 1
@@ -703,7 +866,25 @@ def _triton_forward(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, i
     cu = cu_seqlens.contiguous()  # [S + 1] int32
     valid = torch.ones(T, dtype=torch.bool, device=device) if m is None else m  # [T]
     emask = _high_entropy_mask(ent, valid, config.top_entropy_quantile) if config.top_entropy_quantile < 1.0 else None
-    flags = _flags(config, ref_logp, isr, mask, advantages, T, S)
+    phi_stat = _nan(torch.float32, device)
+    if config.off_policy_mask_threshold is not None or config.loss_type == "vespo":
+        sid = _segment_ids(cu, T)  # [T]
+        zeros = torch.zeros_like(lp)
+        lpm = torch.where(valid, lp, zeros)
+        oldm = lpm if old is None else torch.where(valid, old, zeros)
+        per_seq_adv = adv.numel() == S
+        A = adv[sid] if per_seq_adv else adv  # [T]
+        n_seq = torch.zeros(S, dtype=torch.float32, device=device).index_add(0, sid, valid.float())  # [S]
+        opm, phi, phi_stat = _policy_factors(
+            lpm, oldm, sampling_logp, A, adv, isr_, valid, sid, n_seq, config, torch.float32, per_seq_adv
+        )
+        w = phi if config.loss_type == "vespo" else isr_  # vespo: the IS ratio is inside phi
+        if opm is not None:
+            w = opm if w is None else w * opm
+        isr_ = None if w is None else w.contiguous()
+    elif config.loss_type == "vespo":
+        isr_ = None
+    flags = _flags(config, ref_logp, isr_, mask, advantages, T, S)
     as_i8 = lambda b: b.view(torch.int8)  # noqa: E731 bool -> int8, no copy
     dummy = lp  # stands in for absent optional inputs (never read: the constexpr flags say so)
     ptrs = (
@@ -735,7 +916,8 @@ def _triton_forward(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, i
     c_seq = torch.exp(seq[:, 1])  # [S] (1 at the token level, where column 1 is 0)
 
     stats = {}
-    if config.loss_type == "sapo":
+    stats["vespo/phi_seq_mean"] = phi_stat
+    if config.loss_type in ("sapo", "vespo"):
         for k in STAT_NAMES[:3]:
             stats[k] = _nan(torch.float32, device)
     elif seq_level and not flags["ADV_PER_TOKEN"]:  # TRL's (B, 1) case
@@ -745,6 +927,11 @@ def _triton_forward(logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, i
         stats["clip_ratio/low_mean"] = lo / Nc
         stats["clip_ratio/high_mean"] = hi / Nc
         stats["clip_ratio/region_mean"] = (lo + hi) / Nc
+    if config.loss_type not in _CLIP_TYPES:
+        stats["clip_ratio/low_min"] = stats["clip_ratio/high_max"] = _nan(torch.float32, device)
+    elif not (seq_level and not flags["ADV_PER_TOKEN"]):
+        stats["clip_ratio/low_min"] = _seq_nanmin(seq[:, 5], n_seq, largest=False)
+        stats["clip_ratio/high_max"] = _seq_nanmin(seq[:, 6], n_seq, largest=True)
     stats["kl"] = seq[:, 4].sum() / Nc if ref is not None else _nan(torch.float32, device)
     stats["entropy"] = (
         torch.where(valid, ent, torch.zeros_like(ent)).sum() / Nc if ent is not None else _nan(torch.float32, device)
@@ -768,9 +955,9 @@ class _PolicyLossFunction(torch.autograd.Function):
     """Forward: both phases of the kernel; backward: grad_out * g, g the closed-form d loss / d logp."""
 
     @staticmethod
-    def forward(ctx, logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config):
+    def forward(ctx, logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config, sampling_logp):
         loss, stats, g = _triton_forward(
-            logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config,
+            logp, advantages, cu_seqlens, old_logp, ref_logp, entropy, isr, mask, config, sampling_logp,
             need_grad=logp.requires_grad,
         )
         ctx.logp_dtype = logp.dtype
@@ -782,7 +969,7 @@ class _PolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         (g,) = ctx.saved_tensors
-        return (grad_loss * g).to(ctx.logp_dtype), None, None, None, None, None, None, None, None
+        return (grad_loss * g).to(ctx.logp_dtype), None, None, None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------- AOT configurations
@@ -809,6 +996,6 @@ def aot_configs():
             num_warps=4, num_stages=1,
         )
         for phase in (0, 1)
-        for policy in (0, 1, 2)  # clip, cispo, sapo
+        for policy in (0, 1, 2, 3)  # clip, cispo, sapo, vespo
         for seq_level in (False, True)
     ]

@@ -70,7 +70,7 @@ def test_atomic_and_retention(tmp_path, tiny, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", boom)
+    monkeypatch.setattr(ckpt, "save_trainer_state", boom)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_checkpoint(tmp_path, 4, model, processor, {}, keep=2)
     monkeypatch.undo()
@@ -85,3 +85,74 @@ def test_load_weights_errors(tmp_path, tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="no .safetensors"):
         ckpt.load_weights(model, tmp_path)
+
+
+PAYLOAD = """
+import os, pickle, torch
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+
+torch.save({{"step": 1, "optimizer": Payload()}}, {path!r})
+"""
+
+
+def test_pickle_trainer_state_refused_unopened(tmp_path, tiny):
+    """A checkpoint whose trainer state is a pickle (here one that would create a marker file
+    when unpickled) is refused with a clear error; the payload never runs."""
+    import subprocess
+    import sys
+
+    model, processor = tiny
+    path = ckpt.save_checkpoint(tmp_path / "run", 3, model, processor, {})
+    for f in ("trainer_state.json", "trainer_state.safetensors"):
+        (path / f).unlink()
+    marker = tmp_path / "pwned"
+    # the crafted file is written by another interpreter, so this process never holds the class
+    subprocess.run([sys.executable, "-c", PAYLOAD.format(marker=marker, path=str(path / "trainer_state.pt"))],
+                   check=True)
+    assert (path / "trainer_state.pt").stat().st_size > 0 and not marker.exists()
+    with pytest.raises(ValueError, match="trainer_state.pt, a pickle file, which fastrft does not load"):
+        ckpt.load_trainer_state(path)
+    assert not marker.exists()
+    # the trainer refuses the resume the same way, and nothing ran
+    from fastrft.train import GRPOConfig, train
+
+    with pytest.raises(ValueError, match="a pickle file"):
+        train(GRPOConfig(output_dir=str(tmp_path / "run"), resume=True, max_steps=4, eval_size=0, progress=False,
+                         train_size=16, prompts_per_step=2, num_generations=2))
+    assert not marker.exists()
+    # the payload is real: unpickling it (what torch.load(weights_only=False) did) creates the marker
+    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(path / 'trainer_state.pt')!r}, "
+                    "weights_only=False)"], check=True)
+    assert marker.exists()
+
+
+def test_state_roundtrip_without_pickle(tmp_path):
+    """Every kind of value the trainer stores comes back equal and of the same type."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3, 2))], lr=1e-3, betas=(0.9, 0.99))
+    opt.param_groups[0]["params"][0].grad = torch.randn(3, 2)
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    opt.step()
+    sched.step()
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ckpt.rng_state(),
+             "history": {"before": {"accuracy": 0.25, "n": 4}}, "x": [float("inf"), None, "s"], "step": 3}
+    ckpt.save_trainer_state(tmp_path, state)
+    got = ckpt.load_trainer_state(tmp_path)
+    assert got["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert set(got["optimizer"]["state"]) == {0}
+    for k, v in state["optimizer"]["state"][0].items():
+        assert torch.equal(got["optimizer"]["state"][0][k], v) and got["optimizer"]["state"][0][k].dtype == v.dtype
+    assert got["scheduler"] == state["scheduler"] and got["history"] == state["history"] and got["step"] == 3
+    assert got["x"][0] == float("inf") and got["x"][1:] == [None, "s"]
+    assert got["rng"]["python"] == state["rng"]["python"]
+    n_got, n_exp = got["rng"]["numpy"], state["rng"]["numpy"]
+    assert n_got[0] == n_exp[0] and np.array_equal(n_got[1], n_exp[1]) and n_got[1].dtype == n_exp[1].dtype
+    assert n_got[2:] == n_exp[2:]
+    ckpt.set_rng_state(got["rng"])
+    a = (random.random(), np.random.rand(), torch.rand(2))
+    ckpt.set_rng_state(state["rng"])
+    b = (random.random(), np.random.rand(), torch.rand(2))
+    assert a[:2] == b[:2] and torch.equal(a[2], b[2])

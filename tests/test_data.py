@@ -54,14 +54,14 @@ def test_bad_inputs(tmp_path, jsonl):
         load_rows(str(empty))
     missing = tmp_path / "missing.jsonl"
     missing.write_text(json.dumps({"image": "nope.png", "problem": "q", "solution": "a"}) + "\n")
-    with pytest.raises(ValueError, match="row 0: image file .*nope.png.* does not exist"):
+    with pytest.raises(ValueError, match=r"missing.jsonl:1: image file .*nope.png.* does not exist"):
         load_rows(str(missing))
     corrupt = tmp_path / "bad.png"
     corrupt.write_bytes(b"not a png at all")
     (tmp_path / "corrupt.jsonl").write_text(json.dumps({"image": "bad.png", "problem": "q", "solution": "a"}) + "\n")
     rows = load_rows(str(tmp_path / "corrupt.jsonl"))
-    with pytest.raises(ValueError, match="row 4: cannot read image .*bad.png"):
-        load_image(rows[0]["images"][0], row_index=4)
+    with pytest.raises(ValueError, match="corrupt.jsonl:1: cannot read image .*bad.png"):
+        load_image(rows[0]["images"][0], where=rows[0].where)
     (tmp_path / "nosol.jsonl").write_text(json.dumps({"problem": "q"}) + "\n")
     with pytest.raises(ValueError, match="no solution column"):
         load_rows(str(tmp_path / "nosol.jsonl"))

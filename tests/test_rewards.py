@@ -53,6 +53,7 @@ def test_iou():
 def test_shapes_reward_shaping():
     got = rewards.shapes(["red", "blue <answer>", "<answer>red</answer>", "circle", "", "top-left"],
                          ["red", "red", "red", "red", "red", "top-right"])
+    # 1 the right word alone (then stop), 0.5 right but more follows, 0.1 another option
     assert got == [1.0, 0.1, 1.0, 0.0, 0.0, 0.1]
 
 

@@ -59,10 +59,11 @@ def test_one_step_equals_naive_padded(tmp_path, monkeypatch):
                 image_grid_thw=torch.cat([prompts.image_grid_thw[i] for i, _ in seqs]))
     logp = out.logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, L-1]
     m = comp[:, 1:]
-    rows = [r for r in train_mod.load_rows("shapes", size=cfg.train_size, seed=cfg.seed)]
+    rows = [r for r in train_mod.load_rows("shapes", size=cfg.train_size, seed=cfg.seed, tasks=cfg.synthetic_tasks)]
     sampler = train_mod.PromptSampler(len(rows), cfg.seed)
     sols = [rows[k]["solution"] for k in sampler.next(cfg.prompts_per_step) for _ in range(G)]
-    r = torch.tensor(rewards.shapes(rollout.texts, sols), dtype=torch.float64).view(-1, G)
+    ids = [c.tolist() for g in rollout.completions for c in g]
+    r = torch.tensor(rewards.shapes(rollout.texts, sols, completion_ids=ids), dtype=torch.float64).view(-1, G)
     adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1, 1).float()  # [B, 1]
     ratio = torch.exp(logp - logp.detach())
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - cfg.epsilon, 1 + cfg.epsilon) * adv)
@@ -105,7 +106,7 @@ def test_crash_leaves_folder_intact_and_resume_is_exact(tmp_path, monkeypatch):
         train(GRPOConfig(output_dir=str(run), **base))
     assert [p.name for p in ckpt.checkpoint_dirs(run)] == ["step-000002"]
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"] == [1, 2]
-    with pytest.raises(ValueError, match="already holds checkpoints: pass --resume true"):
+    with pytest.raises(ValueError, match="already holds a run: pass --resume true"):
         train(GRPOConfig(output_dir=str(run), **base))  # a fresh run would overwrite it: refused
 
     flaky_rewards.STATE.update(fail_at=None)
@@ -150,7 +151,7 @@ def test_jsonl_dataset_and_summary(tmp_path):
     path = synthetic.write_jsonl(rows, tmp_path / "data", "train")
     out = tmp_path / "run"
     res = train(GRPOConfig(output_dir=str(out), dataset=str(path), eval_dataset=str(path), max_steps=2,
-                           **{**SMALL, "eval_size": 8}))
+                           reward_funcs=["shapes"], **{**SMALL, "eval_size": 8}))
     assert res["before"]["n"] == 8 and res["after"]["n"] == 8
     assert json.loads((out / "summary.json").read_text())["after"]["n"] == 8
     row = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"][-1]

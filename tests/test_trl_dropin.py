@@ -1,0 +1,197 @@
+"""fastrft_kernels.integrations.trl against stock trl GRPOTrainer on CPU, same seed.
+
+Per micro-batch: the same inputs dict (from stock TRL's own generation) through TRL's
+`_compute_loss` and the fused one on twin models: loss within 1e-5 relative, gradients within
+1e-4 relative. Training: 3 steps of each trainer from the same seed: identical rollouts
+(completion metrics) and parameters within 1e-4.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+
+from fastrft_kernels.integrations import trl as fused_trl  # noqa: E402
+
+
+def _tiny_text_model(seed=0, save_dir=None):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from fastrft.synthetic import make_tokenizer
+
+    tok = make_tokenizer()
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    if save_dir is not None:  # TRL builds its reference model (beta > 0) from the config's path
+        model.save_pretrained(save_dir)
+        model.config._name_or_path = str(save_dir)
+    return model, tok
+
+
+def _dataset(n=16):
+    import datasets
+
+    from fastrft.synthetic import WORDS
+
+    words = [w for w in WORDS if w.isalpha()][:12]
+    return datasets.Dataset.from_list([{"prompt": " ".join(words[(i + j) % len(words)] for j in range(3 + i % 3))}
+                                       for i in range(n)])
+
+
+def _reward(completions, **kw):
+    return [float(len(c.split()) % 3) - 0.5 * (i % 2) for i, c in enumerate(completions)]
+
+
+def _args(tmp_path, name, **kw):
+    from trl import GRPOConfig
+
+    base = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=4, num_generations=4,
+                max_completion_length=6, max_steps=1, learning_rate=5e-3, logging_steps=1, report_to=[],
+                use_cpu=True, bf16=False, save_strategy="no", seed=0, dataloader_num_workers=0,
+                disable_tqdm=True, temperature=1.0, max_prompt_length=None) if False else dict(
+                output_dir=str(tmp_path / name), per_device_train_batch_size=4, num_generations=4,
+                max_completion_length=6, max_steps=1, learning_rate=5e-3, logging_steps=1, report_to=[],
+                use_cpu=True, bf16=False, save_strategy="no", seed=0, dataloader_num_workers=0,
+                disable_tqdm=True, temperature=1.0)
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+SETTINGS = {
+    "dapo": dict(),
+    "grpo-beta-iter2": dict(loss_type="grpo", beta=0.04, num_iterations=2),
+    "bnpo-seq-beta": dict(loss_type="bnpo", importance_sampling_level="sequence", beta=0.04),
+    "dapo-accum-quantile": dict(gradient_accumulation_steps=2, per_device_train_batch_size=2,
+                                top_entropy_quantile=0.5),
+    "cispo": dict(loss_type="cispo", epsilon_high=5.0, num_iterations=2),
+    "sapo": dict(loss_type="sapo", num_iterations=2),
+    "vespo": dict(loss_type="vespo", num_iterations=2),
+    "dapo-opsm-entropy": dict(off_policy_mask_threshold=0.0, num_iterations=2, entropy_coef=0.01),
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_microbatch_loss_and_grad_equal_stock(setting, tmp_path):
+    from trl import GRPOTrainer
+
+    model, tok = _tiny_text_model(save_dir=tmp_path / "model")
+    args = _args(tmp_path, setting, **SETTINGS[setting])
+    stock = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=args, train_dataset=_dataset(),
+                        processing_class=tok)
+    fused = fused_trl.FusedGRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=args,
+                                       train_dataset=_dataset(), processing_class=tok)
+    fmodel = fused.model
+    orig = stock._compute_loss
+    errs = []
+
+    def spy(m, inputs):
+        loss = orig(m, inputs)
+        params = [p for p in m.parameters() if p.requires_grad]
+        want = torch.autograd.grad(loss, params, retain_graph=True)
+        fused.model.train(m.training)
+        fused.current_gradient_accumulation_steps = stock.current_gradient_accumulation_steps
+        got_loss = fused._compute_loss(fmodel, inputs)
+        got = torch.autograd.grad(got_loss, [p for p in fmodel.parameters() if p.requires_grad])
+        gl = max(_rel(g, w) for g, w in zip(got, want) if w.abs().max() > 0)
+        # relative to |loss|, or to 1e-2 when the loss is near 0 (on-policy dapo: zero-mean advantages)
+        errs.append((abs(got_loss.item() - loss.item()) / max(abs(loss.item()), 1e-2), gl))
+        return loss
+
+    stock._compute_loss = spy
+    stock.train()
+    assert errs
+    worst_loss, worst_grad = max(e[0] for e in errs), max(e[1] for e in errs)
+    print(f"{setting}: {len(errs)} micro-batches, loss rel {worst_loss:.2e}, grad rel {worst_grad:.2e}")
+    assert worst_loss <= 1e-5 and worst_grad <= 1e-4
+    # TRL's metric names are all logged by the fused trainer as well
+    fused_keys = set(fused._metrics["train"])
+    stock_loss_keys = {k for k in stock._metrics["train"] if k.startswith(("clip_ratio", "kl", "entropy",
+                                                                           "cispo", "vespo", "policy_loss"))}
+    if fused_keys:
+        assert stock_loss_keys <= fused_keys, stock_loss_keys - fused_keys
+
+
+@pytest.mark.parametrize("setting", ["dapo", "grpo-beta-iter2"])
+def test_three_steps_equal_stock(setting, tmp_path):
+    from trl import GRPOTrainer
+
+    model, tok = _tiny_text_model(save_dir=tmp_path / "model")
+    args = _args(tmp_path, setting, max_steps=3, **SETTINGS[setting])
+    stock = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=args, train_dataset=_dataset(),
+                        processing_class=tok)
+    stock.train()
+    fused = fused_trl.FusedGRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=args,
+                                       train_dataset=_dataset(), processing_class=tok)
+    fused.train()
+    for key in ("completions/mean_length", "reward"):
+        assert stock._metrics["train"][key] == fused._metrics["train"][key] or not stock._metrics["train"][key], key
+    worst = max((p - q).abs().max().item() for p, q in zip(fused.model.parameters(), stock.model.parameters()))
+    moved = max((p - q).abs().max().item() for p, q in zip(stock.model.parameters(), model.parameters()))
+    print(f"{setting}: params max abs diff after 3 steps {worst:.2e} (moved up to {moved:.2e})")
+    assert moved > 1e-3 and worst <= 1e-4
+
+
+def test_import_does_not_import_trl():
+    import subprocess
+    import sys
+
+    code = ("import sys; import fastrft_kernels.integrations.trl as m; "
+            "assert 'trl' not in sys.modules, 'trl imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_unsupported_options_are_errors(tmp_path):
+    with pytest.raises(RuntimeError, match="supports trl"):
+        fused_trl.check_trl_version("1.15.0")
+    with pytest.raises(RuntimeError, match="supports trl"):
+        fused_trl.check_trl_version("2.0.0")
+    model, tok = _tiny_text_model()
+    args = _args(tmp_path, "x")
+    t = fused_trl.FusedGRPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=_dataset(),
+                                   processing_class=tok)
+    t.use_adaptive_entropy = True
+    with pytest.raises(NotImplementedError, match="adaptive entropy"):
+        fused_trl.fused_compute_loss(t, t.model, {})
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_ddp_two_processes(loss_type, tmp_path):
+    """2 processes over gloo: the fused forward runs through DDP, gradients are all-reduced, the
+    parameters after a step agree on both ranks and with one process on the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env.pop("TRITON_INTERPRET", None)
+    worker = os.path.join(root, "tests", "_trl_ddp_worker.py")
+    run = lambda cmd: subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)  # noqa
+    one = run([sys.executable, worker, str(tmp_path), loss_type])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29500 + os.getpid() % 1000), worker, str(tmp_path), loss_type])
+    assert two.returncode == 0, two.stderr[-3000:]
+    p1 = torch.load(tmp_path / "params-0-of-1.pt")
+    r0 = torch.load(tmp_path / "params-0-of-2.pt")
+    r1 = torch.load(tmp_path / "params-1-of-2.pt")
+    worst_ranks = max(_rel(r0[k], r1[k]) for k in p1)
+    worst_one = max(_rel(r0[k], p1[k]) for k in p1)
+    print(f"ddp {loss_type}: rank0 vs rank1 {worst_ranks:.2e}, 2 procs vs 1 proc {worst_one:.2e}")
+    assert worst_ranks == 0.0
+    assert worst_one <= 1e-5
