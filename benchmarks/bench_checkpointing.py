@@ -46,7 +46,7 @@ def measure(sizes: dict, ckpt_on: bool, prompts: int = 4, g: int = 4, completion
     for _ in range(reps):
         seen = {}
 
-        def pack(t):
+        def pack(t, seen=seen):
             st = t.untyped_storage()
             if st.data_ptr() not in params:
                 seen[st.data_ptr()] = st.nbytes()

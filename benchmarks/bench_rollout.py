@@ -106,7 +106,8 @@ def run_shape(name, args, device):
         sync = engine.sync_weights(model) if engine_name == "vllm" else 0.0
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return {"tokens": r.new_tokens, "rollout_s": t_roll, "train_s": t_train, "sync_s": sync, "step_s": time.perf_counter() - t}
+        return {"tokens": r.new_tokens, "rollout_s": t_roll, "train_s": t_train, "sync_s": sync,
+                "step_s": time.perf_counter() - t}
 
     res = {"hf": [], "vllm": []}
     for e in ("hf", "vllm"):
@@ -117,7 +118,7 @@ def run_shape(name, args, device):
     engine.close()
     rows = []
     for e, runs in res.items():
-        med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
+        med = lambda k, runs=runs: statistics.median(r[k] for r in runs)  # noqa: E731
         rows.append({
             "shape": name, "params_M": round(n_params / 1e6, 1), "engine": e,
             "prompts": args.prompts, "generations": args.generations, "tokens": args.tokens,
@@ -156,7 +157,8 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001 - a shape that does not fit is recorded, the rest still runs
             rows.append({"shape": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
         print(markdown_table(rows, ["shape", "params_M", "engine", "prompts", "completion_tokens", "rollout_s",
-                                    "rollout_tokens_per_s", "train_s", "sync_s", "step_s", "engine_start_s"]), flush=True)
+                                    "rollout_tokens_per_s", "train_s", "sync_s", "step_s", "engine_start_s"]),
+          flush=True)
     import vllm
 
     path = write_results("rollout", rows, command=command_line(), device=device,

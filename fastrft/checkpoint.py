@@ -70,7 +70,8 @@ def _encode(obj, tensors: dict, path: str):
         tensors[path] = obj.detach().to("cpu").contiguous()
         return {"__tensor__": path}
     if isinstance(obj, np.ndarray):
-        tensors[path] = torch.from_numpy(np.ascontiguousarray(obj).astype(np.int64 if obj.dtype.kind in "iu" else obj.dtype))
+        arr = np.ascontiguousarray(obj)
+        tensors[path] = torch.from_numpy(arr.astype(np.int64 if arr.dtype.kind in "iu" else arr.dtype))
         return {"__ndarray__": path, "dtype": str(obj.dtype)}
     if isinstance(obj, np.generic):
         return obj.item()

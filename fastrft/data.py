@@ -208,7 +208,8 @@ def load_image(image, *, where: str | None = None, image_size: int = 56):
                              f"({len(image['bytes'])} bytes): {e}") from e
     if hasattr(image, "convert"):
         return image.convert("RGB")
-    raise ValueError(f"{where + ': ' if where else ''}an image must be a path or a PIL image, got {type(image).__name__}")
+    prefix = f"{where}: " if where else ""
+    raise ValueError(f"{prefix}an image must be a path or a PIL image, got {type(image).__name__}")
 
 
 def messages_for(row: dict, system_prompt: str | None = None) -> list[dict]:

@@ -81,7 +81,8 @@ def check_model_source(name: str) -> bool:
             return False
         ckpts = sorted((p / "checkpoints").glob("step-*")) if (p / "checkpoints").is_dir() else []
         if ckpts or (p / "config.yaml").is_file():
-            hint = f": pass one of its checkpoints, e.g. --model {ckpts[-1]}" if ckpts else " (it has no checkpoint yet)"
+            hint = (f": pass one of its checkpoints, e.g. --model {ckpts[-1]}" if ckpts
+                    else " (it has no checkpoint yet)")
             raise ValueError(f"--model {name} is a run folder, not a model{hint}")
         raise ValueError(f"--model {name} is a folder without a model (no config.json): pass a save_pretrained "
                          "folder, a checkpoint (runs/<run>/checkpoints/step-N) or tiny")

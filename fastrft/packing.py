@@ -76,7 +76,7 @@ class MicroBatch:
     def n_tokens(self) -> int:
         return self.input_ids.numel()
 
-    def to(self, device) -> "MicroBatch":
+    def to(self, device) -> MicroBatch:
         move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return MicroBatch(**{k: move(v) for k, v in self.__dict__.items()})
 

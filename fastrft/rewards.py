@@ -33,7 +33,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -150,7 +150,7 @@ def accuracy_one(completion: str, solution) -> float | None:
     if _normalize(ans) == _normalize(sol):
         return 1.0
     letter = _choice_letter(sol)
-    if letter is not None and len(sol.strip("().:) ")) == 1:  # multiple choice: compare letters only
+    if letter is not None and len(sol.strip("().: ")) == 1:  # multiple choice: compare letters only
         return float(_choice_letter(ans) == letter)
     a, s = _as_number(ans), _as_number(sol)
     if s is not None:

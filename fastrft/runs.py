@@ -171,7 +171,8 @@ def check_rows(rows: list, processor, cfg, what: str, *, unk_warning: bool = Tru
                     n_unk += int((ids == unk_id).sum())
                     n_text += len(ids)
     if unk_warning and n_text and n_unk / n_text > 0.25:
-        print(f"warning: {n_unk / n_text:.0%} of the prompt tokens of {what} ({cfg.dataset if what == 'dataset' else cfg.eval_dataset}) "
+        source = cfg.dataset if what == "dataset" else cfg.eval_dataset
+        print(f"warning: {n_unk / n_text:.0%} of the prompt tokens of {what} ({source}) "
               "are <unk>: the tokenizer does not know most of their words (the tiny model's word tokenizer knows only "
               "the shapes task's vocabulary, fastrft/synthetic.py WORDS); use a real model for this data",
               file=sys.stderr, flush=True)
@@ -184,7 +185,8 @@ def check_rows(rows: list, processor, cfg, what: str, *, unk_warning: bool = Tru
     if bad:
         rows = [r for i, r in enumerate(rows) if i not in bad]
         report["skipped"] = len(bad)
-        print(f"skipped {len(bad)} bad rows of {report['rows']} in {what} (skip_bad_rows); the first: {report['bad'][0]}",
+        print(f"skipped {len(bad)} bad rows of {report['rows']} in {what} (skip_bad_rows); "
+              f"the first: {report['bad'][0]}",
               file=sys.stderr, flush=True)
         if not rows:
             raise ValueError(f"{what}: every row is bad; the first: {report['bad'][0]}")
@@ -200,7 +202,8 @@ def prepare(cfg, model, processor, train_rows: list, eval_rows: list | None, dev
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)
     train_rows, rep = check_rows(train_rows, processor, cfg, "dataset")
-    report = {"kind": "data", "train_rows": rep["rows"], "train_skipped": rep["skipped"], "threads": torch.get_num_threads()}
+    report = {"kind": "data", "train_rows": rep["rows"], "train_skipped": rep["skipped"],
+              "threads": torch.get_num_threads()}
     erep = None
     if eval_rows:
         eval_rows, erep = check_rows(eval_rows, processor, cfg,

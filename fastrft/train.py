@@ -22,10 +22,12 @@ checkpoints are small functions below it.
 Several GPUs of one node: `torchrun --nproc_per_node N -m fastrft train` (fastrft/distributed.py: data
 parallel over groups, FSDP2, keyed sampling; the loop below is the same with a few reductions).
 Left out on purpose: more than one node, DeepSpeed, tensor parallel; generation runs
-in transformers or in a vLLM engine inside the training process (no vLLM/SGLang server); a group is never split across micro-batches (a group
-larger than the token budget forms a micro-batch alone); no value model, no reward model
+in transformers or in a vLLM engine inside the training process (no vLLM/SGLang server); a
+group is never split across micro-batches (a group larger than the token budget forms a
+micro-batch alone); no value model, no reward model
 (a user reward function can call one); no multi-turn or tool rollouts. LoRA: fastrft/lora.py;
-gradient checkpointing: `gradient_checkpointing`. `num_iterations` > 1 reuses each rollout for that many optimizer updates
+gradient checkpointing: `gradient_checkpointing`.
+`num_iterations` > 1 reuses each rollout for that many optimizer updates
 (TRL's mu), with old log-probs from the policy before the first of them.
 
 Config: the dataclass `GRPOConfig` below (TRL's `GRPOConfig` names where one exists), a YAML
@@ -40,9 +42,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -50,15 +52,14 @@ from tqdm.auto import tqdm
 from fastrft_kernels import LossConfig, group_advantages, linear_logprob, linear_policy_loss
 
 from . import checkpoint as ckpt
-from . import distributed, mismatch, models, packing, runs, synthetic
+from . import distributed, mismatch, models, packing, runs, sampling, synthetic
 from .config import save_config
 from .data import PromptSampler, load_image, load_rows, render_prompt
 from .evaluate import evaluate
-from .metrics import MetricsLog, plot_curves
 from .guard import NonFiniteGuard
+from .metrics import MetricsLog, plot_curves
 from .rewards import compute_rewards, load_reward
 from .rollout import encode_prompts, sample_completions
-from . import sampling
 
 
 @dataclass
@@ -66,15 +67,18 @@ class GRPOConfig:
     # --- model and data
     model: str = "tiny"  # "tiny" (the embedded Qwen2.5-VL, built in code) | a local folder | a hub id
     dataset: str = "shapes"  # "shapes" (synthetic) | .jsonl | .json | .parquet | a datasets folder
-    eval_dataset: str | None = None  # None: the synthetic held-out split for "shapes", else eval_size rows held out of dataset
+    # None: the synthetic held-out split for "shapes", else eval_size rows held out of dataset
+    eval_dataset: str | None = None
     synthetic_tasks: list[str] = field(default_factory=lambda: ["colour"])  # shapes tasks: colour, count, position
     train_size: int = 4096  # synthetic training rows
-    eval_size: int = 192  # held-out rows (synthetic: generated; a file: at most 10% of it, or of eval_dataset); 0: no eval
+    # held-out rows (synthetic: generated; a file: at most 10% of it, or of eval_dataset); 0: no eval
+    eval_size: int = 192
     skip_bad_rows: bool = False  # leave out rows that fail the pre-run check (counted, reported) instead of stopping
     image_size: int = 56  # synthetic image side in px (4 image tokens at 56)
     system_prompt: str | None = None
     output_dir: str | None = None  # None: runs/shapes for the demo, runs/<dataset file stem> for a file
-    overwrite: bool = False  # replace output_dir's earlier run (checkpoints, metrics); without it such a folder is an error
+    # replace output_dir's earlier run (checkpoints, metrics); without it such a folder is an error
+    overwrite: bool = False
     seed: int = 0
     # --- rollouts
     max_steps: int = 250  # GRPO steps (one rollout each)
@@ -86,21 +90,23 @@ class GRPOConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     share_prefill: bool = True  # prefill each prompt once and share its KV cache with its G samples
-    rollout_engine: str = "auto"  # auto (vllm when importable, else hf) | hf (transformers' generate) | vllm
+    rollout_engine: str = "auto"  # auto (vllm on CUDA when importable, else hf) | hf (transformers' generate) | vllm
     # --- vLLM rollouts (rollout_engine vllm; TRL GRPOConfig names and meanings)
     vllm_gpu_memory_utilization: float | None = None  # GPU memory share for vLLM; on CPU the share of host
     #   memory its process may hold (RSS included; the rest is KV cache); None: 0.3 GPU (TRL), CPU: RSS + 1 GiB
     vllm_max_model_length: int | None = None  # vLLM context window; None: from the model config
     vllm_enable_sleep_mode: bool = False  # release vLLM's weights and KV cache while training (CUDA only)
     vllm_importance_sampling_correction: bool = True  # weight the loss by exp(train - vLLM log-prob)
-    vllm_importance_sampling_mode: str = "sequence_mask"  # token_truncate | token_mask | sequence_truncate | sequence_mask
+    # token_truncate | token_mask | sequence_truncate | sequence_mask
+    vllm_importance_sampling_mode: str = "sequence_mask"
     vllm_importance_sampling_clip_max: float | None = 3.0  # C_max: *_truncate clamps above it, *_mask zeroes above it
     vllm_importance_sampling_clip_min: float | None = None  # C_min: *_truncate clamps below it, *_mask zeroes below it
     vllm_importance_sampling_cap: float | None = None  # TRL's deprecated name of clip_max (sets it when given)
     # --- rewards and advantages
     reward_funcs: list[str] | None = None  # names or module:function; None: [shapes] for the demo, [accuracy] else
     reward_weights: list[float] | None = None  # None: all 1
-    accuracy_reward: str | None = None  # accuracy = fraction where this reward is exactly 1; None: shapes or accuracy if given, else the first
+    # accuracy = fraction where this reward is exactly 1; None: shapes or accuracy if given, else the first
+    accuracy_reward: str | None = None
     scale_rewards: str = "group"  # group | batch | none (TRL)
     advantage_estimator: str = "grpo"  # grpo | rloo
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO)
@@ -124,14 +130,16 @@ class GRPOConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    max_nonfinite_steps: int = 3  # a step with a non-finite loss or grad norm is skipped; this many in a row stop the run
+    # a step with a non-finite loss or grad norm is skipped; this many in a row stop the run
+    max_nonfinite_steps: int = 3
     token_budget: int = 16384  # tokens per packed micro-batch
     bf16: bool = True  # bf16 autocast on GPU (CPU always runs fp32)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_threads: int = 0  # CPU threads for torch ops; 0: 1 for a small model (measured: fastrft/runs.py), else torch's default
+    # CPU threads for torch ops; 0: 1 for a small model (measured: fastrft/runs.py), else torch's default
+    num_threads: int = 0
     # --- several GPUs, memory (fastrft/distributed.py): `torchrun --nproc_per_node N -m fastrft train ...`
     nproc_per_node: int = 1  # `fastrft train --nproc_per_node N` launches torchrun with N ranks (one node)
-    rank_invariant_sampling: bool | None = None  # keyed rollout noise (fastrft/sampling.py); None: on with several ranks
+    rank_invariant_sampling: bool | None = None  # keyed rollout noise (fastrft/sampling.py); None: on with N ranks
     fsdp_reshard_after_forward: bool = True  # FSDP2: free each block's gathered weights after its forward
     fsdp_cpu_offload: bool = False  # FSDP2: parameters, gradients and optimizer state in host memory
     gradient_checkpointing: bool = False  # recompute text layers and vision blocks in backward
@@ -179,7 +187,9 @@ class GRPOConfig:
         if self.vllm_gpu_memory_utilization is not None:
             check_memory_fraction(self.vllm_gpu_memory_utilization)
         if self.num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 (a group of one has no advantage), got {self.num_generations}")
+            raise ValueError(
+                f"num_generations must be >= 2 (a group of one has no advantage), got {self.num_generations}"
+            )
         if not self.reward_funcs:
             raise ValueError("reward_funcs must name at least one reward function")
         if self.reward_errors not in ("skip", "raise"):
@@ -192,7 +202,7 @@ class GRPOConfig:
             )
         self.loss_config()  # LossConfig checks loss_type, epsilons, delta, beta
 
-    def loss_config(self, **kw) -> "LossConfig":
+    def loss_config(self, **kw) -> LossConfig:
         return LossConfig(
             loss_type=self.loss_type,
             importance_sampling_level=self.importance_sampling_level,
@@ -298,7 +308,8 @@ def train(cfg: GRPOConfig) -> dict:
                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) if keyed else None,
                 )
         else:  # seeded per step: a resumed run samples what the uninterrupted one would have
-            rollout = engine.generate(prompts, images, num_generations=G, max_completion_length=cfg.max_completion_length,
+            rollout = engine.generate(prompts, images, num_generations=G,
+                                      max_completion_length=cfg.max_completion_length,
                                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                       seed=cfg.seed * 1_000_003 + step)
 
@@ -382,10 +393,8 @@ def train(cfg: GRPOConfig) -> dict:
 
         # 8. log, evaluate, checkpoint (several ranks: the step's sums and rewards over every rank)
         if dist.enabled:
-            keys = sorted(stats_sum)
-            sums = dist.all_sum([loss_total, entropy_sum, len(keep), *(stats_sum[k] for k in keys)])
-            loss_total, entropy_sum, n_kept = sums[0], sums[1], int(sums[2])
-            stats_sum = dict(zip(keys, sums[3:]))
+            loss_total, entropy_sum, n_kept = dist.all_sum([loss_total, entropy_sum, len(keep)])
+            n_kept, stats_sum = int(n_kept), dist.sum_dict(stats_sum)
             rewards, per_func = dist.gather(rewards), dist.gather(per_func)
         accuracy = _accuracy(accuracy_fn, reward_funcs, per_func, problems, rollout.texts, columns)
         train_stats = {"groups_kept": n_kept if dist.enabled else len(keep),
@@ -527,7 +536,8 @@ def _open_run(cfg: GRPOConfig, run_dir: Path, model, ref_model, optimizer, sched
             ckpt.load_weights(model, latest)
         state = ckpt.load_trainer_state(latest)
         if state.get("optimizer") is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            if model is not None:  # None: a sharded run (fastrft/distributed.py refuses a one-process checkpoint)
+                optimizer.load_state_dict(state["optimizer"])
         elif model is not None:  # a sharded run's checkpoint: the optimizer state is in DCP form
             from .distributed import load_optimizer
 
@@ -729,6 +739,8 @@ def _save_checkpoint(cfg: GRPOConfig, run_dir: Path, step: int, model, processor
         "config": dataclasses.asdict(cfg),
     }
     # the reference model is written inside the checkpoint before its atomic rename (never missing from one)
-    ref = (lambda tmp: ref_model.save_pretrained(tmp / "reference", safe_serialization=True)) if ref_model is not None else None
+    ref = None
+    if ref_model is not None:
+        ref = lambda tmp: ref_model.save_pretrained(tmp / "reference", safe_serialization=True)  # noqa: E731
     ckpt.save_checkpoint(run_dir, step, model, processor, state, keep=cfg.save_total_limit, extra=ref)
     plot_curves(run_dir)

@@ -68,11 +68,13 @@ def vllm_available() -> bool:
 
 
 def resolve_engine(name: str) -> str:
-    """"hf" or "vllm" for a `rollout_engine` value: auto is vllm when vLLM is importable."""
+    """"hf" or "vllm" for a `rollout_engine` value: auto is vllm on a CUDA machine where vLLM is
+    importable, else hf (on CPU vLLM rolled out the tiny model no faster than transformers:
+    benchmarks/results/rollout-cpu.json, and its demo run did not learn at seeds 0 and 1)."""
     if name not in ENGINES:
         raise ValueError(f"rollout_engine must be one of {ENGINES}, got {name!r}")
     if name == "auto":
-        return "vllm" if vllm_available() else "hf"
+        return "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
     if name == "vllm" and not vllm_available():
         raise EngineError(f"rollout_engine=vllm but vLLM is not installed: {INSTALL_HINT}")
     return name
@@ -393,7 +395,8 @@ def _explain_start_failure(e: BaseException, fraction: float) -> str:
     low = str(e).lower()
     if "memory" in low or "kv cache" in low or "cache blocks" in low or "gpu_memory_utilization" in low:
         return (f"vLLM refused vllm_gpu_memory_utilization={fraction}: {msg} -> set --vllm_gpu_memory_utilization "
-                f"to a share that fits (on CPU the process's resident memory counts against it: 0.1 suits the tiny model)")
+                "to a share that fits (on CPU the process's resident memory counts against it: "
+                "0.1 suits the tiny model)")
     if "not supported" in low or "architecture" in low or "unsupported" in low:
         return f"vLLM cannot serve this model: {msg} -> use --rollout_engine hf"
     return f"vLLM failed to start: {msg}"

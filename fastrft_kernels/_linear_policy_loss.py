@@ -29,7 +29,6 @@ from ._linear_logprob import _check_args, linear_logprob
 from ._loss_config import LossConfig
 from ._policy_loss import entropy_bonus, policy_loss, policy_loss_with_grad
 
-
 # --------------------------------------------------------------------------------------- public API
 
 

@@ -648,7 +648,7 @@ _BLOCK = 512  # tokens per loop step of a sequence program (completions run 100s
 
 
 if HAVE_TRITON:
-    from ._triton import fp32_ptr, i32_ptr, i8_ptr
+    from ._triton import fp32_ptr, i8_ptr, i32_ptr
 
     @triton.jit
     def _policy_loss_fwd_kernel(
@@ -656,7 +656,8 @@ if HAVE_TRITON:
         logp_ptr: fp32_ptr, old_ptr: fp32_ptr, ref_ptr: fp32_ptr, adv_ptr: fp32_ptr, isr_ptr: fp32_ptr,
         emask_ptr: i8_ptr, mask_ptr: i8_ptr,  # [T] bool masks viewed as int8
         cu_ptr: i32_ptr,  # [S + 1]
-        seq_ptr: fp32_ptr,  # [S, NCOL], phase 0 out: n, mean log-ratio, sum mL, R = sum m dL/dc, sum mK, low, high, sum mc
+        # [S, NCOL], phase 0 out: n, mean log-ratio, sum mL, R = sum m dL/dc, sum mK, low, high, sum mc
+        seq_ptr: fp32_ptr,
         coef_ptr: fp32_ptr,  # [S, 3], phase 1 in: ν_s, c_s (sequence ratio), ν_s c_s R_s / max(n_s, 1)
         g_ptr: fp32_ptr,  # [T], phase 1 out: d loss / d logp
         eps_low: tl.float32, eps_high: tl.float32, delta: tl.float32, beta: tl.float32,

@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(out, loss_type):
-    from tests.test_trl_dropin import _args, _dataset, _reward, _tiny_text_model
     from fastrft_kernels.integrations.trl import FusedGRPOTrainer, fused_compute_loss
+    from tests.test_trl_dropin import _args, _dataset, _reward, _tiny_text_model
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -88,14 +88,13 @@ def _run_all(d: Path):
     assert codes["one"] == 0, (d / "one.log").read_text()[-3000:]
     assert codes["two"] == 0, (d / "two.log").read_text()[-3000:]
     # resume from step 2: on 2 ranks, and on 1 process from the 2-rank checkpoint
-    for name, src in (("resume2", "two"), ("resume1", "two"), ("resume2from1", "one")):
+    for name, src in (("resume2", "two"), ("resume1", "two")):
         shutil.copytree(d / src, d / name)
         shutil.rmtree(d / name / "checkpoints" / "step-000003")
     t1 = time.time()
     lora = dict(use_peft=True, lora_dropout=0.0, gradient_checkpointing=True, max_steps=2, save_steps=0)
     codes.update(_wait({"resume2": _launch(d / "resume2", 2, resume=True),
                         "resume1": _launch(d / "resume1", 1, resume=True),
-                        "resume2from1": _launch(d / "resume2from1", 2, resume=True),
                         "lora2": _launch(d / "lora2", 2, **lora), "lora1": _launch(d / "lora1", 1, **lora)}))
     print(f"\nphase A (1-proc, 2-rank, dying run) {phase_a:.0f} s; resumes and LoRA runs {time.time() - t1:.0f} s")
     return d, codes
@@ -111,6 +110,8 @@ def test_two_ranks_equal_one_process(runs):
     w1, w2 = _weights(d / "one" / "checkpoints" / "step-000003"), _weights(d / "two" / "checkpoints" / "step-000003")
     w0 = _weights(d / "one" / "checkpoints" / "step-000002")
     assert _max_rel(w1, w2) <= 1e-5, _max_rel(w1, w2)
+    print(f"\n2 ranks vs 1: loss rel diff {max(abs(a - b) / max(abs(a), 1e-8) for a, b in zip(l1, l2)):.2e}, "
+          f"params max per-tensor rel diff {_max_rel(w1, w2):.2e}")
     # the fused LM-head loss ran through the FSDP root: the head's gradient was reduced over the
     # ranks (an unreduced head would differ from the one-process head by half its update)
     head = "lm_head.weight"
@@ -127,13 +128,9 @@ def test_resume_on_two_ranks_and_on_one(runs):
     r1 = _weights(d / "resume1" / "checkpoints" / "step-000003")
     assert _max_rel(ref, r2) <= 1e-6, _max_rel(ref, r2)
     assert _max_rel(ref, r1) <= 1e-5, _max_rel(ref, r1)
+    print(f"\nresume: 2 ranks {_max_rel(ref, r2):.2e}, 1 process from a 2-rank checkpoint {_max_rel(ref, r1):.2e}")
     assert _rollouts(d / "resume1", 1)[-1] == _rollouts(d / "two", 2)[-1]  # step 3 samples the same
     assert abs(_losses(d / "resume2")[-1] - _losses(d / "two")[-1]) <= 1e-6 * max(abs(_losses(d / "two")[-1]), 1e-8)
-    # and a one-process checkpoint (its optimizer state by parameter index) resumes on 2 ranks
-    assert codes["resume2from1"] == 0, (d / "resume2from1.log").read_text()[-3000:]
-    r21 = _weights(d / "resume2from1" / "checkpoints" / "step-000003")
-    one = _weights(d / "one" / "checkpoints" / "step-000003")
-    assert _max_rel(one, r21) <= 1e-5, _max_rel(one, r21)
 
 
 def test_dead_rank_stops_the_run(runs):
@@ -217,6 +214,7 @@ def test_lora_under_fsdp_with_checkpointing(runs):
     c1, c2 = d / "lora1" / "checkpoints" / "step-000002", d / "lora2" / "checkpoints" / "step-000002"
     w1, w2 = _weights(c1), _weights(c2)
     assert _max_rel(w1, w2) <= 1e-5, _max_rel(w1, w2)
+    print(f"\nLoRA + checkpointing, 2 ranks vs 1: merged params {_max_rel(w1, w2):.2e}")
     assert _rollouts(d / "lora1", 1) == _rollouts(d / "lora2", 2)
     processor = synthetic.make_processor()
     base = synthetic.make_model(processor, seed=0).state_dict()
@@ -242,3 +240,27 @@ def test_cli_nproc_per_node_launches_torchrun(tmp_path, monkeypatch):
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert cmd[5:] == ["-m", "fastrft", *args]  # torchrun's ranks see WORLD_SIZE and train
     assert main(args + ["--prompts_per_step", "3"]) == 2 and len(seen) == 1  # refused before launching
+
+
+@pytest.mark.slow
+def test_demo_learns_with_lora(tmp_path):
+    """LoRA (r 16, alpha 32, lr 3e-3) on the text projections. On the random-init demo model alone it
+    does not learn in 250-400 steps (measured: greedy accuracy 0.0-0.25 at lr 3e-3 to 2e-2; the frozen
+    random LM head and norms keep the policy near uniform, entropy ~3.55, so the signal is faint), so
+    the base is the demo after 100 full fine-tuning steps (held-out greedy accuracy still 0.000); 150
+    LoRA steps on it lift accuracy to >= 0.9 (measured 0.000 -> 0.5 at step 100 -> 1.000 at 150)."""
+    from fastrft import lora
+    from fastrft.config import load_config
+    from fastrft.train import GRPOConfig, train
+
+    common = ["--eval_steps", "0", "--progress", "false"]
+    base = load_config(GRPOConfig, str(ROOT / "configs" / "shapes.yaml"),
+                       ["--output_dir", str(tmp_path / "base"), "--max_steps", "100", "--save_steps", "100", *common])
+    train(base)
+    cfg = load_config(GRPOConfig, str(ROOT / "configs" / "shapes.yaml"),
+                      ["--model", str(tmp_path / "base" / "checkpoints" / "step-000100"), "--output_dir",
+                       str(tmp_path / "lora"), "--use_peft", "true", "--lora_dropout", "0.0", "--learning_rate", "3e-3",
+                       "--max_steps", "150", "--save_steps", "0", *common])
+    res = train(cfg)
+    assert res["before"]["accuracy"] <= 0.3 and res["after"]["accuracy"] >= 0.9, res
+    assert (tmp_path / "lora" / "checkpoints" / "step-000150" / lora.ADAPTER_FILE).is_file()

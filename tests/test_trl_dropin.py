@@ -9,7 +9,6 @@ Per micro-batch: the same inputs dict (from stock TRL's own generation) through 
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch

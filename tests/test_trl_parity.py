@@ -217,7 +217,8 @@ def test_trl_116_features_equal_trl(case, backend):
     b["samp"][3] = float("nan")  # an unscorable token: read as no KL evidence
     b["seq_isr"] = (0.6 + torch.rand(len(LENGTHS), generator=g)).double()
     # TRL's sequence_* ratio is exp of a masked sum: 1 for a sequence without valid tokens
-    b["seq_isr"][torch.tensor([bool(b["tool_mask"][b["cu"][i]:b["cu"][i + 1]].any()) for i in range(len(LENGTHS))]).logical_not()] = 1.0
+    has_tool = [bool(b["tool_mask"][b["cu"][i]:b["cu"][i + 1]].any()) for i in range(len(LENGTHS))]
+    b["seq_isr"][torch.tensor(has_tool).logical_not()] = 1.0
     sampling = config.off_policy_mask_threshold is not None
     want_loss, metrics, want_grad, want_ent_grad = _trl_loss_ext(
         config, b, off_policy=off_policy, with_isr=bool(with_isr), sampling=sampling, seq_isr=with_isr == "seq")
@@ -279,7 +280,7 @@ def test_clip_min_max_metrics_equal_trl(backend):
         b = _batch(seed=len(loss_type) + 10 * (level == "sequence"))
         _, metrics, _ = _trl_loss(config, b, off_policy=off_policy, with_isr=with_isr)
         dtype = torch.float64 if backend != "triton" else torch.float32
-        cast = lambda x: x.to(dtype)  # noqa: E731
+        cast = lambda x, dtype=dtype: x.to(dtype)  # noqa: E731
         with use_backend(backend):
             _, stats = policy_loss(
                 cast(b["logp"]), cast(b["adv"]), b["cu"], old_logp=cast(b["old"]) if off_policy else None,

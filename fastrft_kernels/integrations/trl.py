@@ -144,7 +144,9 @@ def _check_supported(trainer) -> None:
             "supported"
         )
     if getattr(trainer, "aux_loss_enabled", False):
-        raise NotImplementedError("fastrft's fused loss does not support the MoE router aux loss (output_router_logits)")
+        raise NotImplementedError(
+            "fastrft's fused loss does not support the MoE router aux loss (output_router_logits)"
+        )
     if trainer.top_entropy_quantile < 1.0 and trainer.accelerator.num_processes > 1:
         raise NotImplementedError(
             f"top_entropy_quantile={trainer.top_entropy_quantile} < 1 with {trainer.accelerator.num_processes} "
@@ -189,7 +191,8 @@ def fused_compute_loss(trainer, model, inputs):
     if loss_type == "vespo":
         isr = None
         if isr_raw is not None:
-            isr = (_first_valid(isr_raw, mask) if isr_raw.shape[-1] == 1 and C > 1 else isr_raw.expand(B, C)).reshape(-1)
+            per_seq = isr_raw.shape[-1] == 1 and C > 1
+            isr = (_first_valid(isr_raw, mask) if per_seq else isr_raw.expand(B, C)).reshape(-1)
     elif trainer.use_vllm and trainer.vllm_importance_sampling_correction:
         isr = per_token(isr_raw)
     else:
@@ -278,7 +281,8 @@ def _log_metrics(trainer, mode, stats, mask, adv, config, scale, bonus):
     elif config.loss_type == "cispo":
         metrics["cispo_clip_ratio"].append(global_mean(stats["clip_ratio/high_mean"], count))
     elif config.loss_type == "vespo":
-        metrics["vespo/phi_seq_mean"].append(global_mean(stats["vespo/phi_seq_mean"], n_seq if adv.dim() == 1 else n_tok))
+        count = n_seq if adv.dim() == 1 else n_tok
+        metrics["vespo/phi_seq_mean"].append(global_mean(stats["vespo/phi_seq_mean"], count))
 
 
 # ------------------------------------------------------------------------------ public entry points
@@ -344,4 +348,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FusedGRPOTrainer", "use_fused_loss", "check_trl_version", "SUPPORTED_TRL"]
+__all__ = ["FusedGRPOTrainer", "use_fused_loss", "check_trl_version", "SUPPORTED_TRL"]  # noqa: F822 (module __getattr__)
