@@ -192,12 +192,20 @@ def save_checkpoint(run_dir, step: int, model, processor, trainer_state: dict, k
     if extra is not None:
         extra(tmp)
     save_trainer_state(tmp, dict(trainer_state, step=step, rng=rng_state()))
+    return publish(tmp, final, keep)
+
+
+def publish(tmp: Path, final: Path, keep: int | None) -> Path:
+    """Makes the complete folder `tmp` visible as checkpoint `final` (checkpoints/step-N): its
+    files and folders fsynced, renamed into place (a `final` that exists is moved aside first,
+    never half-replaced), the rename fsynced; then all but the newest `keep` removed."""
+    root = final.parent
     for folder, _, files in os.walk(tmp):  # data on disk before the rename makes it visible
         for name in files:
             _fsync_file(Path(folder) / name)
         fsync_dir(folder)
     if final.exists():  # re-saving a step (a resumed run that stopped at the same step)
-        old = root / f".tmp-old-{step:06d}"
+        old = root / f".tmp-old-{final.name}"
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -205,7 +213,7 @@ def save_checkpoint(run_dir, step: int, model, processor, trainer_state: dict, k
         os.rename(tmp, final)
     fsync_dir(root)  # the rename itself on disk
     if keep is not None and keep > 0:
-        for old in checkpoint_dirs(run_dir)[:-keep]:
+        for old in checkpoint_dirs(root.parent)[:-keep]:
             _remove(old)
         fsync_dir(root)
     return final

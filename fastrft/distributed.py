@@ -336,25 +336,7 @@ def save_checkpoint(cfg, dist: Dist, run_dir: Path, step: int, model, processor,
         state = {"optimizer": None, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
                  "history": history, "config": dataclasses.asdict(cfg), "world_size": dist.world}
         ckpt.save_trainer_state(tmp, dict(state, step=step, rng=ckpt.rng_state()))
-        for folder, _, files in os.walk(tmp):
-            for name in files:
-                with open(os.path.join(folder, name), "rb") as f:
-                    os.fsync(f.fileno())
-        final = root / f"step-{step:06d}"
-        if final.exists():
-            old = root / f".tmp-old-{step:06d}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        ckpt.fsync_dir(root)
-        keep = cfg.save_total_limit
-        if keep is not None and keep > 0:
-            for old in ckpt.checkpoint_dirs(run_dir)[:-keep]:
-                ckpt._remove(old)
+        ckpt.publish(tmp, root / f"step-{step:06d}", cfg.save_total_limit)
     dist.barrier()
 
 
