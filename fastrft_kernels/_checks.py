@@ -93,12 +93,6 @@ def check_loss_args(config, T: int, advantages, cu_seqlens, *, per_token: dict, 
         raise ValueError(
             f"advantages must hold one value per sequence (S={S}) or per token (T={T}), got {advantages.numel()}"
         )
-    if not bool(torch.isfinite(advantages).all()):  # one NaN would make the loss and every gradient NaN
-        bad = (~torch.isfinite(advantages)).nonzero()[0].item()
-        raise ValueError(
-            f"advantages must be finite, got {advantages[bad].item()} at index {bad} (group_advantages gives "
-            "unscorable completions, NaN rewards, an advantage of 0)"
-        )
     for name, x in per_token.items():
         if x is not None:
             check_tensor(name, x, ndim=1, float_=True)
@@ -109,3 +103,9 @@ def check_loss_args(config, T: int, advantages, cu_seqlens, *, per_token: dict, 
             f"ref_logp is required when config.beta > 0 (the KL penalty), got beta={config.beta} and ref_logp=None"
         )
     check_same_device(**same_device, advantages=advantages, cu_seqlens=cu_seqlens, **per_token)
+    if not bool(torch.isfinite(advantages).all()):  # one NaN would make the loss and every gradient NaN
+        bad = (~torch.isfinite(advantages)).nonzero()[0].item()
+        raise ValueError(
+            f"advantages must be finite, got {advantages[bad].item()} at index {bad} (group_advantages gives "
+            "unscorable completions, NaN rewards, an advantage of 0)"
+        )

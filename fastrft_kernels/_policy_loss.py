@@ -553,7 +553,8 @@ def _seq_nanmin(sums, n_seq, *, largest):
     ok = n_seq > 0
     vals = sums / n_seq.clamp(min=1)
     fill = math.inf if not largest else -math.inf
-    ext = torch.cat([torch.where(ok, vals, torch.full_like(vals, fill)), torch.full_like(vals[:1], fill)])
+    pad = torch.full((1,), fill, dtype=vals.dtype, device=vals.device)  # S = 0: min over one fill
+    ext = torch.cat([torch.where(ok, vals, torch.full_like(vals, fill)), pad])
     r = ext.max() if largest else ext.min()
     return torch.where(ok.any(), r, torch.full_like(r, math.nan))
 

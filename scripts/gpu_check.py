@@ -221,7 +221,10 @@ def main(argv=None) -> int:
     device = "cpu" if dry else "cuda"
     budgets = {k: _env_budget(k, v) for k, v in (DRY_BUDGETS if dry else BUDGETS).items()}
     command = os.environ.get("FASTRFT_KIT_COMMAND") or ("bash scripts/gpu_check.sh" + (" --dry-run" if dry else ""))
-    env = dict(os.environ, FASTRFT_RESULTS_DIR=str(out), PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    # A kit run from inside pytest-xdist (tests/test_gpu_check.py in the suite) must not pass the
+    # worker's variables on: the child pytest would take itself for a worker and write no report.
+    parent = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
+    env = dict(parent, FASTRFT_RESULTS_DIR=str(out), PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
     if dry:
         env["TRITON_INTERPRET"] = "1"
