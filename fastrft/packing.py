@@ -20,7 +20,6 @@ text tokens equal (t, h, w); completion tokens continue from the prompt, max(pro
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -158,21 +157,7 @@ def pack_one(groups: list[Group]) -> MicroBatch:
     )
 
 
-@contextlib.contextmanager
-def segment_attention_on(model):
-    """Runs the block with the model's text and vision attention switched to fastrft's segment
-    attention (`fastrft_kernels.hf_attention`, which reads the `segments` table of a packed
-    batch), then restores the previous implementation. Rollouts need the previous one:
-    `generate` runs left-padded batches with a padding mask, which segment attention refuses."""
-    previous = model.config._attn_implementation
-    if previous == hf_attention.NAME:
-        yield model
-        return
-    hf_attention.enable_segment_attention(model)
-    try:
-        yield model
-    finally:
-        model.set_attn_implementation(previous)
+segment_attention_on = hf_attention.segment_attention_on  # switch to packed attention for one block
 
 
 def packed_forward(model, mb: MicroBatch) -> torch.Tensor:

@@ -46,6 +46,7 @@ packed-sequence mask from them).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -176,6 +177,22 @@ def enable_segment_attention(model):
     for cfg in vision:
         cfg._attn_implementation = VISION_NAME
     return model
+
+
+@contextlib.contextmanager
+def segment_attention_on(model):
+    """Runs the block with `model`'s text and vision attention switched to segment attention,
+    then restores the previous implementation. Generation needs the previous one: `generate`
+    runs left-padded batches with a padding mask, which segment attention refuses."""
+    previous = model.config._attn_implementation
+    if previous == NAME:
+        yield model
+        return
+    enable_segment_attention(model)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def shared_prefix_position_ids(prompt_positions: Sequence[torch.Tensor], completion_lens: Sequence[Sequence[int]]):

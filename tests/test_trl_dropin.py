@@ -57,13 +57,37 @@ def _args(tmp_path, name, **kw):
     base = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=4, num_generations=4,
                 max_completion_length=6, max_steps=1, learning_rate=5e-3, logging_steps=1, report_to=[],
                 use_cpu=True, bf16=False, save_strategy="no", seed=0, dataloader_num_workers=0,
-                disable_tqdm=True, temperature=1.0, max_prompt_length=None) if False else dict(
-                output_dir=str(tmp_path / name), per_device_train_batch_size=4, num_generations=4,
-                max_completion_length=6, max_steps=1, learning_rate=5e-3, logging_steps=1, report_to=[],
-                use_cpu=True, bf16=False, save_strategy="no", seed=0, dataloader_num_workers=0,
                 disable_tqdm=True, temperature=1.0)
     base.update(kw)
     return GRPOConfig(**base)
+
+
+def _tiny_vlm(seed=0, save_dir=None):
+    """fastrft's tiny random Qwen2.5-VL and its processor (word tokenizer, 56 px images)."""
+    from fastrft import synthetic
+
+    processor = synthetic.make_processor()
+    model = synthetic.make_model(processor, seed=seed)
+    if save_dir is not None:
+        model.save_pretrained(save_dir)
+        model.config._name_or_path = str(save_dir)
+    return model, processor
+
+
+def _vlm_dataset(n=8):
+    import datasets
+
+    from fastrft import synthetic
+
+    rows = synthetic.make_split(n, seed=0, tasks=("colour",))
+    return datasets.Dataset.from_list([
+        {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["problem"]}]}],
+         "image": synthetic.render(r["objects"])} for r in rows])
+
+
+def _vlm_reward(completions, **kw):
+    text = lambda c: c if isinstance(c, str) else c[-1]["content"]  # noqa: E731
+    return [float(len(text(c)) % 5) - 0.3 * (i % 3) for i, c in enumerate(completions)]
 
 
 def _rel(a, b):
@@ -83,19 +107,10 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS))
-def test_microbatch_loss_and_grad_equal_stock(setting, tmp_path):
-    from trl import GRPOTrainer
-
-    model, tok = _tiny_text_model(save_dir=tmp_path / "model")
-    args = _args(tmp_path, setting, **SETTINGS[setting])
-    stock = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=args, train_dataset=_dataset(),
-                        processing_class=tok)
-    fused = fused_trl.FusedGRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=args,
-                                       train_dataset=_dataset(), processing_class=tok)
-    fmodel = fused.model
-    orig = stock._compute_loss
-    errs = []
+def _compare_microbatches(stock, fused):
+    """Runs stock.train(); on each micro-batch, TRL's loss and the fused one on the same inputs
+    (twin models): returns [(loss rel err, worst grad rel err)]."""
+    fmodel, orig, errs = fused.model, stock._compute_loss, []
 
     def spy(m, inputs):
         loss = orig(m, inputs)
@@ -113,6 +128,20 @@ def test_microbatch_loss_and_grad_equal_stock(setting, tmp_path):
     stock._compute_loss = spy
     stock.train()
     assert errs
+    return errs
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_microbatch_loss_and_grad_equal_stock(setting, tmp_path):
+    from trl import GRPOTrainer
+
+    model, tok = _tiny_text_model(save_dir=tmp_path / "model")
+    args = _args(tmp_path, setting, **SETTINGS[setting])
+    stock = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=args, train_dataset=_dataset(),
+                        processing_class=tok)
+    fused = fused_trl.FusedGRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=args,
+                                       train_dataset=_dataset(), processing_class=tok)
+    errs = _compare_microbatches(stock, fused)
     worst_loss, worst_grad = max(e[0] for e in errs), max(e[1] for e in errs)
     print(f"{setting}: {len(errs)} micro-batches, loss rel {worst_loss:.2e}, grad rel {worst_grad:.2e}")
     assert worst_loss <= 1e-5 and worst_grad <= 1e-4
@@ -122,6 +151,39 @@ def test_microbatch_loss_and_grad_equal_stock(setting, tmp_path):
                                                                            "cispo", "vespo", "policy_loss"))}
     if fused_keys:
         assert stock_loss_keys <= fused_keys, stock_loss_keys - fused_keys
+
+
+VLM_SETTINGS = {
+    "dapo": dict(per_device_train_batch_size=8),  # 2 whole groups per micro-batch
+    # a generation batch of 8 rows shuffled into 2 micro-batches of 4: groups split across them
+    "grpo-beta-iter2-accum": dict(loss_type="grpo", beta=0.04, num_iterations=2, gradient_accumulation_steps=2),
+}
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+@pytest.mark.parametrize("setting", list(VLM_SETTINGS))
+def test_vlm_microbatch_equal_stock(setting, shared_prompt, tmp_path):
+    """The tiny Qwen2.5-VL: TRL's rows as they are, or packed with each prompt and image once."""
+    from trl import GRPOTrainer
+
+    model, processor = _tiny_vlm(save_dir=tmp_path / "model")
+    args = _args(tmp_path, setting, max_completion_length=4, **VLM_SETTINGS[setting])
+    stock = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=_vlm_reward, args=args,
+                        train_dataset=_vlm_dataset(), processing_class=processor)
+    fused = fused_trl.FusedGRPOTrainer(model=copy.deepcopy(model), reward_funcs=_vlm_reward, args=args,
+                                       train_dataset=_vlm_dataset(), processing_class=processor,
+                                       shared_prompt=shared_prompt)
+    errs = _compare_microbatches(stock, fused)
+    worst_loss, worst_grad = max(e[0] for e in errs), max(e[1] for e in errs)
+    metrics = fused._metrics["train"]
+    rows, images = args.per_device_train_batch_size, metrics["fastrft/images_encoded"]
+    print(f"vlm {setting} shared_prompt={shared_prompt}: {len(errs)} micro-batches, loss rel {worst_loss:.2e}, "
+          f"grad rel {worst_grad:.2e}; images encoded per micro-batch {images} ({rows} rows)")
+    assert worst_loss <= 1e-5 and worst_grad <= 1e-4
+    if shared_prompt:  # at most one image per distinct prompt of the micro-batch (G = 4 rows each)
+        assert all(n < rows for n in images) and metrics["fastrft/forward_tokens"][0] < rows * 21
+    else:
+        assert all(n == rows for n in images)
 
 
 @pytest.mark.parametrize("setting", ["dapo", "grpo-beta-iter2"])

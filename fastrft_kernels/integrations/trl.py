@@ -29,6 +29,12 @@ Refused with an error naming the option (never silently ignored): adaptive entro
 one process (TRL's threshold is a quantile over all ranks' tokens), models whose logits are
 scaled or soft-capped after the LM head, TRL versions outside SUPPORTED_TRL.
 
+`shared_prompt=True` (VLMs with image_grid_thw, e.g. Qwen2/2.5-VL, and text models): the rows of a
+micro-batch that share a prompt are laid out once as [prompt+images | c1 | ... | cG] under segment
+attention, so each prompt is computed and each image encoded once per micro-batch instead of once
+per completion (`_shared_prompt.py`). Logged either way: `fastrft/forward_tokens` and
+`fastrft/images_encoded`, what the decoder and the vision tower computed.
+
 Importing this module does not import trl; `FusedGRPOTrainer` is built on first access.
 """
 
@@ -41,6 +47,7 @@ import torch
 
 from .._linear_policy_loss import linear_policy_loss
 from .._loss_config import LossConfig
+from . import _shared_prompt
 
 SUPPORTED_TRL = (">=1.16.0", "<1.17")  # the loss options and input keys read here are trl 1.16's
 _MIN, _MAX = (1, 16, 0), (1, 17, 0)
@@ -75,10 +82,12 @@ def check_trl_version(version: str | None = None) -> str:
 class _Request:
     """What the patched forward needs to compute the loss, and what it hands back (stats)."""
 
-    def __init__(self, n_completion: int, call):
+    def __init__(self, n_completion: int, call, shared_prompt_inputs: dict | None = None):
         self.n_completion = n_completion
         self.call = call  # (hidden [B*C, H], weight, bias) -> (loss, stats)
+        self.shared_prompt_inputs = shared_prompt_inputs  # TRL's inputs, to pack (shared_prompt=True)
         self.stats = None
+        self.packed = None
 
 
 def _backbone(model):
@@ -115,11 +124,16 @@ def patch_model(model) -> None:
     def forward(*args, fastrft_loss: _Request | None = None, **kwargs):
         if fastrft_loss is None:
             return original(*args, **kwargs)
-        kwargs["use_cache"] = False
-        hidden = _backbone(model)(*args, **kwargs).last_hidden_state  # [B, L, H]
-        C = fastrft_loss.n_completion
-        # position P - 1 + j predicts completion token j (TRL's logits[:, :-1][:, -C:])
-        hidden = hidden[:, -C - 1:-1]  # [B, C, H]
+        body = _backbone(model)
+        if fastrft_loss.shared_prompt_inputs is not None:  # one packed sequence, each prompt and image once
+            fastrft_loss.packed = _shared_prompt.pack(model, body, fastrft_loss.shared_prompt_inputs)
+            hidden = _shared_prompt.packed_hidden(model, body, fastrft_loss.packed)  # [B, C, H]
+        else:
+            kwargs["use_cache"] = False
+            hidden = body(*args, **kwargs).last_hidden_state  # [B, L, H]
+            C = fastrft_loss.n_completion
+            # position P - 1 + j predicts completion token j (TRL's logits[:, :-1][:, -C:])
+            hidden = hidden[:, -C - 1:-1]  # [B, C, H]
         head = model.get_output_embeddings()
         weight, bias = head.weight, head.bias
         if hasattr(weight, "full_tensor"):  # FSDP2 DTensor shards: the whole head for this call
@@ -238,16 +252,32 @@ def fused_compute_loss(trainer, model, inputs):
             importance_sampling_ratio=f32(isr), sampling_logp=f32(sampling), config=config, compute_entropy=True,
         )
 
-    request = _Request(C, call)
-    model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    for key in _MM_KEYS:
+    shared = getattr(trainer, "_fastrft_shared_prompt", False)
+    request = _Request(C, call, shared_prompt_inputs=inputs if shared else None)
+    model_inputs = {} if shared else {"input_ids": input_ids, "attention_mask": attention_mask}
+    for key in () if shared else _MM_KEYS:
         if inputs.get(key) is not None:
             model_inputs[key] = inputs[key]
-    with acc.autocast():
+    with acc.autocast():  # through the wrapped module: DDP/FSDP hooks fire
         out = model(**model_inputs, fastrft_loss=request)
     loss = out["loss"] * scale
     _log_metrics(trainer, mode, request.stats, mask, adv, config, scale, bonus)
+    _log_work(trainer, mode, request.packed, input_ids, inputs)
     return loss
+
+
+def _log_work(trainer, mode, packed, input_ids, inputs):
+    """What the forward computed: `fastrft/forward_tokens` (tokens through the decoder) and
+    `fastrft/images_encoded` (images through the vision tower), summed over processes."""
+    if packed is not None:
+        tokens, images = packed.input_ids.numel(), packed.images
+    else:  # TRL's layout: every row, padding included (the decoder computes it)
+        grid = inputs.get("image_grid_thw")
+        tokens, images = input_ids.numel(), 0 if grid is None else grid.shape[0]
+    acc = trainer.accelerator
+    totals = acc.reduce(torch.tensor([float(tokens), float(images)], device=input_ids.device), reduction="sum")
+    trainer._metrics[mode]["fastrft/forward_tokens"].append(totals[0].item())
+    trainer._metrics[mode]["fastrft/images_encoded"].append(totals[1].item())
 
 
 def _log_metrics(trainer, mode, stats, mask, adv, config, scale, bonus):
@@ -296,14 +326,13 @@ def _unwrapped(trainer):
 
 
 def use_fused_loss(trainer, *, shared_prompt: bool = False):
-    """Make an existing trl GRPOTrainer compute its loss with fastrft's fused kernels; returns it."""
+    """Make an existing trl GRPOTrainer compute its loss with fastrft's fused kernels; returns it.
+    shared_prompt: pack the rows that share a prompt into one sequence (module docstring)."""
     check_trl_version()
     from trl import GRPOTrainer
 
     if not isinstance(trainer, GRPOTrainer):
         raise TypeError(f"use_fused_loss expects a trl.GRPOTrainer, got {type(trainer).__name__}")
-    if shared_prompt:
-        raise NotImplementedError("shared_prompt=True is not implemented yet in fastrft_kernels.integrations.trl")
     if getattr(trainer.args, "use_liger_kernel", False):
         raise ValueError("use_liger_kernel and fastrft's fused loss both replace the LM head: pick one")
     patch_model(_unwrapped(trainer))
