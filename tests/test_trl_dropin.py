@@ -153,6 +153,24 @@ def test_microbatch_loss_and_grad_equal_stock(setting, tmp_path):
         assert stock_loss_keys <= fused_keys, stock_loss_keys - fused_keys
 
 
+def test_text_shared_prompt_equal_stock(tmp_path):
+    """shared_prompt=True on a text model: the rows of each prompt packed under segment attention."""
+    from trl import GRPOTrainer
+
+    model, tok = _tiny_text_model(save_dir=tmp_path / "model")
+    args = _args(tmp_path, "shared", loss_type="grpo", beta=0.04, per_device_train_batch_size=8)
+    stock = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=args, train_dataset=_dataset(),
+                        processing_class=tok)
+    fused = fused_trl.FusedGRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=args,
+                                       train_dataset=_dataset(), processing_class=tok, shared_prompt=True)
+    errs = _compare_microbatches(stock, fused)
+    worst_loss, worst_grad = max(e[0] for e in errs), max(e[1] for e in errs)
+    tokens = fused._metrics["train"]["fastrft/forward_tokens"]
+    print(f"text shared_prompt: loss rel {worst_loss:.2e}, grad rel {worst_grad:.2e}, forward tokens {tokens}")
+    assert worst_loss <= 1e-5 and worst_grad <= 1e-4
+    assert all(t < 8 * (5 + 6) for t in tokens)  # fewer than TRL's 8 rows of prompt + completion
+
+
 VLM_SETTINGS = {
     "dapo": dict(per_device_train_batch_size=8),  # 2 whole groups per micro-batch
     # a generation batch of 8 rows shuffled into 2 micro-batches of 4: groups split across them
