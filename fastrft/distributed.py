@@ -113,8 +113,6 @@ def setup(cfg) -> Dist:
     if world <= 1:
         return Dist()
     check_split(cfg.prompts_per_step, world)
-    if cfg.rollout_engine == "vllm":
-        raise ValueError("rollout_engine vllm runs on one process; with several ranks use rollout_engine hf")
     if not cfg.share_prefill:
         raise ValueError("several ranks sample with keyed noise, which needs share_prefill true")
     rank = int(os.environ["RANK"])
@@ -357,6 +355,22 @@ def load_optimizer(model, optimizer, folder: Path) -> None:
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
+def load_full_optimizer(optimizer, saved: dict) -> None:
+    """A one-process checkpoint's optimizer state (`optimizer.state_dict()`: full tensors keyed by
+    parameter index, the same order here: both optimizers take `model.parameters()`) into the
+    optimizer over the sharded model. Each rank cuts its own shard from its copy of the full tensor
+    (`distribute_tensor(src_data_rank=None)`: no communication, so no rank waits on another)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for i, entry in saved["state"].items():
+        p = params[int(i)]
+        state[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                    if isinstance(p, DTensor) and torch.is_tensor(v) and v.dim() > 0 else v for k, v in entry.items()}
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
 class NullLog:
     """The metrics log of ranks other than 0."""
 
@@ -380,10 +394,10 @@ def open_run(cfg, dist: Dist, run_dir: Path, model, optimizer, scheduler, sample
     step, history = 0, {}
     if cfg.resume and latest is not None:
         state = ckpt.load_trainer_state(latest)
-        if state.get("optimizer") is not None:  # not supported yet (load_full_optimizer hung in its test)
-            raise ValueError(f"{latest} was written by a one-process run: resume it on one process (a checkpoint of "
-                             "N ranks resumes on any number of ranks, one included)")
-        load_optimizer(model, optimizer, latest)
+        if state.get("optimizer") is not None:  # a one-process checkpoint: full tensors
+            load_full_optimizer(optimizer, state["optimizer"])
+        else:
+            load_optimizer(model, optimizer, latest)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         ckpt.set_rng_state(state["rng"])

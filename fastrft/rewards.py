@@ -208,15 +208,19 @@ def iou(completions: list[str], solution: list, **_) -> list[float | None]:
 
 
 def shapes(completions: list[str], solution: list[str], completion_ids: list | None = None, **_) -> list[float]:
-    """The synthetic task's one-word answers, which must end the completion: 1 when the
-    completion (or the text inside <answer>...</answer>) is exactly the solution word and the
-    completion stopped with an end-of-turn token (its last id is in `END_IDS`; without
-    `completion_ids` the text alone decides); 0.5 when the first word is right but the
-    completion goes on or was cut off; 0.1 when the first word is one of the question's other
-    options (a random policy must first learn to answer at all: with a ~50-token vocabulary a
-    bare 0/1 reward is 0 for most groups of 8 at the start, and a group of equal rewards
-    carries no GRPO signal); else 0. Accuracy (reward exactly 1) thus means "the right word,
-    then stop"."""
+    """The synthetic task's one-word answers, which must end the completion. Two halves, added:
+    - the word: 0.5 when the first word of the completion (or of the text inside
+      <answer>...</answer>) is the solution, 0.1 when it is one of the question's other options;
+    - the stop: 0.5 when the completion is one word and stopped with an end-of-turn token (its
+      last id is in `END_IDS`; without `completion_ids` the text alone decides), whatever the word.
+    Reward exactly 1 (accuracy) thus means "the right word, then stop".
+
+    Why the stop pays on its own: a random policy stops after its first word ~4% of the time
+    (one end token among ~60). When only "right word and stop" paid for the stop, ~1 sample in
+    500 carried that signal, the second token collapsed onto whichever word the rewarded
+    samples happened to carry, and the default demo never learned to stop at 2 of 5 seeds.
+    The 0.1 for another option gives a random policy a signal to answer with a colour at all
+    (a group of equal rewards carries no GRPO signal)."""
     out = []
     ids_list = completion_ids if completion_ids is not None else [None] * len(completions)
     for text, sol, ids in zip(completions, solution, ids_list):
@@ -224,10 +228,8 @@ def shapes(completions: list[str], solution: list[str], completion_ids: list | N
         first = words[0] if words else ""
         options = next((opts for opts in ANSWERS.values() if sol in opts), ())
         ended = ids is None or (len(ids) > 0 and int(ids[-1]) in END_IDS)
-        if first == sol:
-            out.append(1.0 if len(words) == 1 and ended else 0.5)
-        else:
-            out.append(0.1 if first in options else 0.0)
+        word = 0.5 if first == sol else 0.1 if first in options else 0.0
+        out.append(word + (0.5 if len(words) == 1 and ended else 0.0))
     return out
 
 

@@ -107,7 +107,7 @@ class GRPOConfig:
     reward_weights: list[float] | None = None  # None: all 1
     # accuracy = fraction where this reward is exactly 1; None: shapes or accuracy if given, else the first
     accuracy_reward: str | None = None
-    scale_rewards: str = "group"  # group | batch | none (TRL)
+    scale_rewards: str | None = None  # group | batch | none (TRL); None: none for the demo, group (TRL's) else
     advantage_estimator: str = "grpo"  # grpo | rloo
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO)
     reward_timeout: float = 60.0  # seconds per reward-function call (whole batch); 0: no limit
@@ -115,7 +115,7 @@ class GRPOConfig:
     # --- loss (TRL GRPOConfig names and meanings)
     loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
-    beta: float = 0.0  # KL weight; > 0 keeps a frozen reference model
+    beta: float | None = None  # KL weight; > 0 keeps a frozen reference model; None: 0.04 for the demo, 0 (TRL's) else
     epsilon: float = 0.2
     epsilon_high: float | None = None
     delta: float | None = None
@@ -275,7 +275,8 @@ def train(cfg: GRPOConfig) -> dict:
     guard = NonFiniteGuard(cfg.max_nonfinite_steps)  # its counts live in `history`, saved with each checkpoint
     log.log({**data_report, "step": start_step})  # rows checked and skipped, threads
     if engine is not None and start_step > 0:
-        engine.sync_weights(model)  # resumed: the checkpoint's weights
+        with distributed.gathered(model):
+            engine.sync_weights(model)  # resumed: the checkpoint's weights
 
     def run_eval(step: int) -> dict | None:  # greedy held-out accuracy, logged; None without eval data
         with autocast, distributed.gathered(model):
@@ -311,7 +312,7 @@ def train(cfg: GRPOConfig) -> dict:
             rollout = engine.generate(prompts, images, num_generations=G,
                                       max_completion_length=cfg.max_completion_length,
                                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                      seed=cfg.seed * 1_000_003 + step)
+                                      seed=cfg.seed * 1_000_003 + step, prompt_offset=dist.rank * len(idx))
 
         # 3. rewards: every dataset column but the images reaches the reward functions
         problems = [r["problem"] for r in rows for _ in range(G)]
@@ -389,7 +390,10 @@ def train(cfg: GRPOConfig) -> dict:
                 scheduler.step()
         t_end = time.perf_counter()
         guard.end_step(nonfinite, history)
-        sync_seconds = engine.sync_weights(model) if engine is not None else 0.0  # the new weights into vLLM
+        sync_seconds = 0.0
+        if engine is not None:  # the new weights into vLLM (several ranks: each gathers the full model)
+            with distributed.gathered(model):
+                sync_seconds = engine.sync_weights(model)
 
         # 8. log, evaluate, checkpoint (several ranks: the step's sums and rewards over every rank)
         if dist.enabled:
@@ -536,7 +540,7 @@ def _open_run(cfg: GRPOConfig, run_dir: Path, model, ref_model, optimizer, sched
             ckpt.load_weights(model, latest)
         state = ckpt.load_trainer_state(latest)
         if state.get("optimizer") is not None:
-            if model is not None:  # None: a sharded run (fastrft/distributed.py refuses a one-process checkpoint)
+            if model is not None:  # None: a sharded run (fastrft/distributed.py loads it: load_full_optimizer)
                 optimizer.load_state_dict(state["optimizer"])
         elif model is not None:  # a sharded run's checkpoint: the optimizer state is in DCP form
             from .distributed import load_optimizer

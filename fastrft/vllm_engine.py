@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 
 from .rollout import PromptBatch, Rollout, _placeholder_ids, _tokenizer
 
@@ -70,7 +71,7 @@ def vllm_available() -> bool:
 def resolve_engine(name: str) -> str:
     """"hf" or "vllm" for a `rollout_engine` value: auto is vllm on a CUDA machine where vLLM is
     importable, else hf (on CPU vLLM rolled out the tiny model no faster than transformers:
-    benchmarks/results/rollout-cpu.json, and its demo run did not learn at seeds 0 and 1)."""
+    benchmarks/results/rollout-cpu.json)."""
     if name not in ENGINES:
         raise ValueError(f"rollout_engine must be one of {ENGINES}, got {name!r}")
     if name == "auto":
@@ -206,11 +207,23 @@ class VLLMEngine:
         if dtype is None:
             dtype = next(model.parameters()).dtype
         self.dtype = dtype
-        self._dir = Path(tempfile.mkdtemp(prefix="fastrft-vllm-"))
-        weakref.finalize(self, shutil.rmtree, self._dir, True)  # removed even without close()
+        # Several ranks (torchrun): an engine on each, generating its rank's prompts, started with
+        # vLLM's external_launcher (the ranks' process group is vLLM's; tensor parallel 1). They load
+        # one folder, written by rank 0 (transformers' save_pretrained writes on rank 0 only).
+        ranks = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+        self._owner = ranks == 1 or tdist.get_rank() == 0
+        folder = [tempfile.mkdtemp(prefix="fastrft-vllm-") if self._owner else None]
+        if ranks > 1:
+            tdist.broadcast_object_list(folder, src=0)
+        self._dir = Path(folder[0])
+        if self._owner:
+            weakref.finalize(self, shutil.rmtree, self._dir, True)  # removed even without close()
         torch_threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         try:
-            _save_for_vllm(model, processor, self._dir)
+            if self._owner:
+                _save_for_vllm(model, processor, self._dir)
+            if ranks > 1:
+                tdist.barrier()
             kwargs = dict(
                 model=str(self._dir),
                 dtype=str(dtype).removeprefix("torch."),
@@ -227,12 +240,15 @@ class VLLMEngine:
                 kwargs["limit_mm_per_prompt"] = {"image": max(max_images_per_prompt, 0), "video": 0}
             if max_num_seqs is not None:
                 kwargs["max_num_seqs"] = max_num_seqs
+            if ranks > 1:
+                kwargs["distributed_executor_backend"] = "external_launcher"
             try:
                 self.llm = vllm.LLM(**kwargs)
             except Exception as e:  # noqa: BLE001 - vLLM raises many types; one clear line instead
                 raise EngineError(_explain_start_failure(e, gpu_memory_utilization)) from e
         except BaseException:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            if self._owner:
+                shutil.rmtree(self._dir, ignore_errors=True)
             raise
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process;
@@ -275,10 +291,12 @@ class VLLMEngine:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
+        prompt_offset: int = 0,
     ) -> VLLMRollout:
         """G completions for each prompt of `prompts` (its token ids, as fastrft's processor made
         them) with `images` (P lists of PIL images, the ones `prompts` was encoded from);
-        temperature <= 0: greedy. `seed` None: a fresh seed per call derived from the engine's."""
+        temperature <= 0: greedy. `seed` None: a fresh seed per call derived from the engine's.
+        `prompt_offset`: the global index of this rank's first prompt (several ranks)."""
         if len(images) != len(prompts.ids):
             raise ValueError(f"{len(prompts.ids)} prompts but {len(images)} image lists")
         if self._asleep:
@@ -291,9 +309,12 @@ class VLLMEngine:
         # One seed per prompt, drawn from `seed`: vLLM gives the G children of a request seeds
         # s, s+1, ..., s+G-1, so one seed for all prompts would draw every prompt's samples from the
         # same G random streams (and consecutive calls would share G-1 of them).
+        # Prompt i of the step's global order gets the i-th seed, whichever rank samples it
+        # (`prompt_offset`: this rank's first global prompt), so 1 and N ranks draw the same samples.
         rng = random.Random(seed)
+        seeds = [rng.getrandbits(62) for _ in range(prompt_offset + len(prompts.ids))][prompt_offset:]
         params = [self._sampling_params(1 if greedy else g, max_tokens=max_completion_length, temperature=temperature,
-                                        top_p=top_p, top_k=top_k, seed=rng.getrandbits(62)) for _ in prompts.ids]
+                                        top_p=top_p, top_k=top_k, seed=s) for s in seeds]
         requests = []
         for ids, ims in zip(prompts.ids, images):
             # vLLM expands each image placeholder itself (a run already expanded would be expanded
@@ -370,7 +391,8 @@ class VLLMEngine:
             import gc
 
             gc.collect()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._owner:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self):
         return self

@@ -38,6 +38,19 @@ def main():
             return out
 
         train_mod.sample_completions = sample
+        if json.loads(sys.argv[1]).get("rollout_engine") == "vllm":  # the engine's rollouts, likewise
+            from fastrft import vllm_engine
+
+            real_generate = vllm_engine.VLLMEngine.generate
+
+            def generate(self, *a, **k):
+                out = real_generate(self, *a, **k)
+                rank = int(os.environ.get("RANK", 0))
+                with open(f"{record}.{rank}", "a") as f:
+                    f.write(json.dumps([[c.tolist() for c in g] for g in out.completions]) + "\n")
+                return out
+
+            vllm_engine.VLLMEngine.generate = generate
     torch.set_num_threads(1)
     train_mod.train(cfg)
 

@@ -1,6 +1,6 @@
 """Several ranks (torchrun, gloo on CPU, FSDP2): a 2-rank run equals a 1-process run of the same
 global batch (the same sampled completions, per-step loss, parameters); resume on 2 ranks equals
-the uninterrupted run and a 2-rank checkpoint resumes on 1 process; a prompts_per_step that does
+the uninterrupted run, a 2-rank checkpoint resumes on 1 process and a 1-process one on 2; a prompts_per_step that does
 not split over the ranks fails before any work; a rank that dies mid-step stops the run with an
 error, no hang, no half-written checkpoint; gradient checkpointing gives the same gradients.
 
@@ -88,13 +88,14 @@ def _run_all(d: Path):
     assert codes["one"] == 0, (d / "one.log").read_text()[-3000:]
     assert codes["two"] == 0, (d / "two.log").read_text()[-3000:]
     # resume from step 2: on 2 ranks, and on 1 process from the 2-rank checkpoint
-    for name, src in (("resume2", "two"), ("resume1", "two")):
+    for name, src in (("resume2", "two"), ("resume1", "two"), ("resume1to2", "one")):
         shutil.copytree(d / src, d / name)
         shutil.rmtree(d / name / "checkpoints" / "step-000003")
     t1 = time.time()
     lora = dict(use_peft=True, lora_dropout=0.0, gradient_checkpointing=True, max_steps=2, save_steps=0)
     codes.update(_wait({"resume2": _launch(d / "resume2", 2, resume=True),
                         "resume1": _launch(d / "resume1", 1, resume=True),
+                        "resume1to2": _launch(d / "resume1to2", 2, resume=True),
                         "lora2": _launch(d / "lora2", 2, **lora), "lora1": _launch(d / "lora1", 1, **lora)}))
     print(f"\nphase A (1-proc, 2-rank, dying run) {phase_a:.0f} s; resumes and LoRA runs {time.time() - t1:.0f} s")
     return d, codes
@@ -130,6 +131,13 @@ def test_resume_on_two_ranks_and_on_one(runs):
     assert _max_rel(ref, r1) <= 1e-5, _max_rel(ref, r1)
     print(f"\nresume: 2 ranks {_max_rel(ref, r2):.2e}, 1 process from a 2-rank checkpoint {_max_rel(ref, r1):.2e}")
     assert _rollouts(d / "resume1", 1)[-1] == _rollouts(d / "two", 2)[-1]  # step 3 samples the same
+    # a one-process checkpoint resumes on 2 ranks (each rank cuts its optimizer shard from the full state)
+    assert codes["resume1to2"] == 0, (d / "resume1to2.log").read_text()[-3000:]
+    one = _weights(d / "one" / "checkpoints" / "step-000003")
+    r12 = _weights(d / "resume1to2" / "checkpoints" / "step-000003")
+    assert _max_rel(one, r12) <= 1e-5, _max_rel(one, r12)
+    assert _rollouts(d / "resume1to2", 2)[-1] == _rollouts(d / "one", 1)[-1]
+    print(f"resume of a one-process checkpoint on 2 ranks: {_max_rel(one, r12):.2e}")
     assert abs(_losses(d / "resume2")[-1] - _losses(d / "two")[-1]) <= 1e-6 * max(abs(_losses(d / "two")[-1]), 1e-8)
 
 

@@ -152,12 +152,12 @@ def test_curves_autoscale(tmp_path):
     assert lo < -6 and hi > 8 and tmp_path.name in seen["title"]
 
 
-# 9. the demo must stop: the shapes reward pays for the word and for the stop after it
+# 9. the demo must stop: the shapes reward pays for the word and, on its own, for the stop after it
 def test_shapes_reward_requires_the_stop():
     eos = synthetic.EOS_ID
     got = rewards.shapes(["red", "red", "red green", "blue", "blue", "circle"], ["red"] * 6,
                          completion_ids=[[10, eos], [10, 11], [10, 11], [12, eos], [12, 4], [9, eos]])
-    assert got == [1.0, 0.5, 0.5, 0.1, 0.1, 0.0]
+    assert got == [1.0, 0.5, 0.5, 0.6, 0.1, 0.5]  # only the right word, then stop, makes 1
 
 
 # 10. the progress bar in a log file; no FutureWarning per rollout; dynamic sampling skips

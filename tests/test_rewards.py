@@ -53,8 +53,8 @@ def test_iou():
 def test_shapes_reward_shaping():
     got = rewards.shapes(["red", "blue <answer>", "<answer>red</answer>", "circle", "", "top-left"],
                          ["red", "red", "red", "red", "red", "top-right"])
-    # 1 the right word alone (then stop), 0.5 right but more follows, 0.1 another option
-    assert got == [1.0, 0.1, 1.0, 0.0, 0.0, 0.1]
+    # 0.5 the right word (0.1 another option) + 0.5 one word, then stop (text only: a one-word text stopped)
+    assert got == [1.0, 0.1, 1.0, 0.5, 0.0, 0.6]
 
 
 def test_compute_rewards_weighted_and_nan():
