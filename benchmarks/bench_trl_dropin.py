@@ -124,7 +124,8 @@ def main() -> None:
             "tokens": int(tokens), "images": int(images),
         })
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    notes = (f"random Qwen2.5-VL {params:.1f}M params (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}), "
+    notes = (f"random Qwen2.5-VL {params:.1f}M params (hidden {args.hidden}, {args.layers} layers, "
+             f"vocab {args.vocab}), "
              f"{args.prompts} prompts x {args.generations} completions, {args.image_size} px images; "
              f"_compute_loss + backward on one micro-batch from TRL's own generation, medians of {args.repeats}")
     path = write_results("trl_dropin", out, command=command_line(), device=args.device, notes=notes)
