@@ -189,30 +189,13 @@ def transformer_blocks(model) -> list[torch.nn.Module]:
 
 def enable_gradient_checkpointing(model) -> None:
     """Non-reentrant activation checkpointing of every text layer and vision block (transformers'
-    checkpointing layers; keyword arguments such as `segments=` reach the layers). The recompute
-    runs in backward, after `packing.segment_attention_on` has restored the rollouts' attention:
-    each layer's recompute switches segment attention back on when its forward ran with it (else
-    it would recompute with another attention, ignoring `segments`)."""
-    from torch.utils.checkpoint import checkpoint
-
+    checkpointing layers; keyword arguments such as `segments=` reach the layers), each layer
+    recomputed with the attention its forward ran with
+    (`fastrft_kernels.hf_attention.recompute_with_forward_attention`)."""
     from fastrft_kernels import hf_attention
 
-    from . import packing
-
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-
-    def checkpointed(fn, *args, **kwargs):
-        segment = model.config._attn_implementation == hf_attention.NAME
-
-        def run(*a, **k):
-            with packing.segment_attention_on(model) if segment else contextlib.nullcontext():
-                return fn(*a, **k)
-
-        return checkpoint(run, *args, use_reentrant=False, **kwargs)
-
-    for m in model.modules():
-        if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
-            m._gradient_checkpointing_func = checkpointed
+    hf_attention.recompute_with_forward_attention(model)
 
 
 def shard(cfg, model, dist: Dist, device: torch.device) -> PolicyRoot:

@@ -195,6 +195,32 @@ def segment_attention_on(model):
         model.set_attn_implementation(previous)
 
 
+def recompute_with_forward_attention(model) -> None:
+    """Makes activation checkpointing (transformers' `gradient_checkpointing_enable`) recompute each
+    layer with the attention its forward ran with. The recompute runs in backward, after
+    `segment_attention_on` has restored the previous implementation: without this a packed
+    forward would be recomputed with another attention, ignoring `segments` (torch raises "a
+    different number of tensors was saved"). Wraps each checkpointing layer's function, keeping
+    its own checkpoint options; idempotent, and a no-op for layers without checkpointing."""
+    for module in model.modules():
+        original = getattr(module, "_gradient_checkpointing_func", None)
+        if not getattr(module, "gradient_checkpointing", False) or original is None or getattr(original, "_fastrft", 0):
+            continue
+
+        def checkpointed(fn, *args, _original=original, **kwargs):
+            if model.config._attn_implementation != NAME:
+                return _original(fn, *args, **kwargs)
+
+            def run(*a, **k):
+                with segment_attention_on(model):
+                    return fn(*a, **k)
+
+            return _original(run, *args, **kwargs)
+
+        checkpointed._fastrft = 1
+        module._gradient_checkpointing_func = checkpointed
+
+
 def shared_prefix_position_ids(prompt_positions: Sequence[torch.Tensor], completion_lens: Sequence[Sequence[int]]):
     """mrope positions [3, T] (int64) for groups packed as [prompt | c1 | ... | cG].
 

@@ -1,8 +1,9 @@
 """Worker for tests/test_trl_dropin.py::test_ddp_two_processes (run under torchrun, gloo).
 
 One SGD step of FusedGRPOTrainer's loss on a fixed global batch of 8 completions, each rank
-taking its half, the model wrapped by the trainer's accelerator (DDP). Writes the parameters
-after the step to <out>/params-<rank>-of-<world>.pt.
+taking its half, the model wrapped by the trainer's accelerator (DDP), or sharded with FSDP2
+(`fully_shard` on each decoder layer, then the root, as accelerate's FSDP2 plugin does). Writes the
+full parameters after the step to <out>/params-<rank>-of-<world>[-fsdp2].pt.
 """
 
 import os
@@ -14,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(out, loss_type):
+def main(out, loss_type, wrap="ddp"):
     from fastrft_kernels.integrations.trl import FusedGRPOTrainer, fused_compute_loss
     from tests.test_trl_dropin import _args, _dataset, _reward, _tiny_text_model
 
@@ -47,18 +48,28 @@ def main(out, loss_type):
     inputs = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}
     inputs["num_items_in_batch"] = cmask.sum()  # TRL's: over the whole generation batch, all ranks
     trainer.current_gradient_accumulation_steps = 1
-    wrapped = trainer.accelerator.prepare_model(trainer.model)
-    assert (world == 1) or isinstance(wrapped, torch.nn.parallel.DistributedDataParallel), type(wrapped)
+    if wrap == "fsdp2" and world > 1:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        for layer in trainer.model.model.layers:
+            fully_shard(layer)
+        wrapped = fully_shard(trainer.model)
+        assert isinstance(wrapped, FSDPModule) and hasattr(wrapped.lm_head.weight, "full_tensor")
+    else:
+        wrapped = trainer.accelerator.prepare_model(trainer.model)
+        assert (world == 1) or isinstance(wrapped, torch.nn.parallel.DistributedDataParallel), type(wrapped)
     wrapped.train()
     loss = fused_compute_loss(trainer, wrapped, inputs)
     loss.backward()
     with torch.no_grad():
         for p in trainer.model.parameters():
             p -= 0.5 * p.grad
-    torch.save({n: p.detach().clone() for n, p in trainer.model.named_parameters()},
-               os.path.join(out, f"params-{rank}-of-{world}.pt"))
+    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # noqa: E731 (FSDP2: DTensor shards)
+    suffix = "-fsdp2" if wrap == "fsdp2" and world > 1 else ""
+    torch.save({n: full(p).detach().clone() for n, p in trainer.model.named_parameters()},
+               os.path.join(out, f"params-{rank}-of-{world}{suffix}.pt"))
     print("OK", rank, loss.item(), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

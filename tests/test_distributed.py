@@ -187,7 +187,7 @@ def test_gradient_checkpointing_same_gradients():
     from fastrft.train import GRPOConfig, _prompts_for
     from fastrft_kernels import linear_policy_loss
 
-    cfg = GRPOConfig(**dict(BASE, output_dir="unused"))
+    cfg = GRPOConfig(**dict(BASE, output_dir="unused", beta=0.0))  # no reference model here
     processor = synthetic.make_processor(cfg.image_size)
     rows = load_rows("shapes", split="train", size=4, seed=0, tasks=cfg.synthetic_tasks)
     prompts, _ = _prompts_for(processor, rows, list(range(4)), cfg, torch.device("cpu"))

@@ -224,6 +224,27 @@ def test_three_steps_equal_stock(setting, tmp_path):
     assert moved > 1e-3 and worst <= 1e-4
 
 
+def test_vlm_three_steps_shared_prompt_equal_stock(tmp_path):
+    """The tiny Qwen2.5-VL, 3 steps: stock TRL and FusedGRPOTrainer(shared_prompt=True) sample the
+    same completions and end with the same parameters."""
+    from trl import GRPOTrainer
+
+    model, processor = _tiny_vlm(save_dir=tmp_path / "model")
+    args = _args(tmp_path, "vlm3", max_steps=3, max_completion_length=4, per_device_train_batch_size=8)
+    stock = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=_vlm_reward, args=args,
+                        train_dataset=_vlm_dataset(), processing_class=processor)
+    stock.train()
+    fused = fused_trl.FusedGRPOTrainer(model=copy.deepcopy(model), reward_funcs=_vlm_reward, args=args,
+                                       train_dataset=_vlm_dataset(), processing_class=processor, shared_prompt=True)
+    fused.train()
+    for key in ("completions/mean_length", "reward", "reward_std"):
+        assert stock._metrics["train"][key] == fused._metrics["train"][key], key
+    worst = max((p - q).abs().max().item() for p, q in zip(fused.model.parameters(), stock.model.parameters()))
+    moved = max((p - q).abs().max().item() for p, q in zip(stock.model.parameters(), model.parameters()))
+    print(f"vlm shared_prompt: params max abs diff after 3 steps {worst:.2e} (moved up to {moved:.2e})")
+    assert moved > 1e-3 and worst <= 1e-4
+
+
 def test_import_does_not_import_trl():
     import subprocess
     import sys
@@ -248,10 +269,11 @@ def test_unsupported_options_are_errors(tmp_path):
         fused_trl.fused_compute_loss(t, t.model, {})
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
-def test_ddp_two_processes(loss_type, tmp_path):
-    """2 processes over gloo: the fused forward runs through DDP, gradients are all-reduced, the
-    parameters after a step agree on both ranks and with one process on the same global batch."""
+@pytest.mark.parametrize("loss_type,wrap", [("dapo", "ddp"), ("grpo", "ddp"), ("dapo", "fsdp2")])
+def test_ddp_two_processes(loss_type, wrap, tmp_path):
+    """2 processes over gloo: the fused forward runs through DDP (or FSDP2: the head gathered by the
+    root's forward), gradients are all-reduced, the parameters after a step agree on both ranks and
+    with one process on the same global batch."""
     import os
     import subprocess
     import sys
@@ -264,13 +286,14 @@ def test_ddp_two_processes(loss_type, tmp_path):
     one = run([sys.executable, worker, str(tmp_path), loss_type])
     assert one.returncode == 0, one.stderr[-3000:]
     two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29500 + os.getpid() % 1000), worker, str(tmp_path), loss_type])
+               str(29500 + os.getpid() % 1000), worker, str(tmp_path), loss_type, wrap])
     assert two.returncode == 0, two.stderr[-3000:]
+    suffix = "-fsdp2" if wrap == "fsdp2" else ""
     p1 = torch.load(tmp_path / "params-0-of-1.pt")
-    r0 = torch.load(tmp_path / "params-0-of-2.pt")
-    r1 = torch.load(tmp_path / "params-1-of-2.pt")
+    r0 = torch.load(tmp_path / f"params-0-of-2{suffix}.pt")
+    r1 = torch.load(tmp_path / f"params-1-of-2{suffix}.pt")
     worst_ranks = max(_rel(r0[k], r1[k]) for k in p1)
     worst_one = max(_rel(r0[k], p1[k]) for k in p1)
-    print(f"ddp {loss_type}: rank0 vs rank1 {worst_ranks:.2e}, 2 procs vs 1 proc {worst_one:.2e}")
+    print(f"{wrap} {loss_type}: rank0 vs rank1 {worst_ranks:.2e}, 2 procs vs 1 proc {worst_one:.2e}")
     assert worst_ranks == 0.0
     assert worst_one <= 1e-5

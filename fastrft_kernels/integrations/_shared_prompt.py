@@ -160,6 +160,7 @@ def packed_hidden(model, body, packed: Packed) -> torch.Tensor:
     vision = {}
     if packed.pixel_values is not None:
         vision = {"pixel_values": packed.pixel_values, "image_grid_thw": packed.image_grid_thw}
+    hf_attention.recompute_with_forward_attention(model)  # TRL turns checkpointing on in train(): each call
     with hf_attention.segment_attention_on(model):
         out = body(input_ids=packed.input_ids, position_ids=packed.position_ids, segments=packed.segments,
                    use_cache=False, **vision)
