@@ -234,20 +234,25 @@ def test_lora_under_fsdp_with_checkpointing(runs):
     assert (c2 / lora.ADAPTER_FILE).is_file()
 
 
-def test_cli_nproc_per_node_launches_torchrun(tmp_path, monkeypatch):
-    import subprocess as sp
-
+def test_cli_nproc_per_node_launches_torchrun(tmp_path):
+    """`fastrft train --nproc_per_node 2`, as the README has it: torchrun starts 2 ranks that train
+    (rank 0 writes the metrics and the checkpoint); a prompts_per_step that does not split is
+    refused before anything is launched or written."""
     from fastrft.__main__ import main
 
-    seen = []
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(sp, "call", lambda cmd: seen.append(cmd) or 0)
-    args = ["train", "--nproc_per_node", "2", "--max_steps", "1", "--output_dir", str(tmp_path / "run")]
-    assert main(args) == 0
-    (cmd,) = seen
-    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    assert cmd[5:] == ["-m", "fastrft", *args]  # torchrun's ranks see WORLD_SIZE and train
-    assert main(args + ["--prompts_per_step", "3"]) == 2 and len(seen) == 1  # refused before launching
+    out = tmp_path / "run"
+    args = ["train", "--nproc_per_node", "2", "--max_steps", "2", "--save_steps", "2", "--eval_size", "0",
+            "--progress", "false", "--output_dir", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "fastrft", *args], cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r.get("kind") == "train"] == [1, 2]  # one row per step: rank 0's
+    assert (out / "checkpoints" / "step-000002" / "model.safetensors").is_file()
+    bad = tmp_path / "bad"
+    assert main(["train", "--nproc_per_node", "2", "--prompts_per_step", "3", "--output_dir", str(bad)]) == 2
+    assert not bad.exists()
 
 
 @pytest.mark.slow
