@@ -217,8 +217,9 @@ def shapes(completions: list[str], solution: list[str], completion_ids: list | N
 
     Why the stop pays on its own: a random policy stops after its first word ~4% of the time
     (one end token among ~60). When only "right word and stop" paid for the stop, ~1 sample in
-    500 carried that signal, the second token collapsed onto whichever word the rewarded
-    samples happened to carry, and the default demo never learned to stop at 2 of 5 seeds.
+    500 carried that signal, and the second token collapsed onto whichever word the rewarded
+    samples happened to carry: the demo's vLLM run at seed 0 ended with every completion cut at
+    max_completion_length (held-out accuracy 0.000).
     The 0.1 for another option gives a random policy a signal to answer with a colour at all
     (a group of equal rewards carries no GRPO signal)."""
     out = []

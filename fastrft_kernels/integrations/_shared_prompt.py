@@ -29,7 +29,7 @@ from .._segments import shared_prefix_segments
 
 @dataclass
 class Packed:
-    """input_ids [T]; position_ids [3, 1, T] (mrope) or [1, T]; segments: the attention table;
+    """input_ids [1, T]; position_ids [3, 1, T] (mrope) or [1, T]; segments: the attention table;
     pixel_values [Np, D] / image_grid_thw [I, 3] or None; rows [B, C] int64 (module docstring);
     groups: how many distinct prompts; images: how many images the vision tower encodes."""
 
@@ -97,7 +97,6 @@ def pack(model, body, inputs: dict) -> Packed:
 
     groups: list[dict] = []
     by_ids: dict[tuple, list[int]] = {}
-    group_of = []
     for b in range(B):
         ids = prompt_ids[b][prompt_mask[b]]  # [Lp]
         px = gr = None
@@ -115,7 +114,6 @@ def pack(model, body, inputs: dict) -> Packed:
             mm_b = mm[b, :P][prompt_mask[b]] if mm is not None else None
             groups.append({"ids": ids, "pixels": px, "grid": gr, "mm": mm_b, "members": []})
         groups[g]["members"].append(b)
-        group_of.append(g)
 
     pieces, prompt_pos, prompt_lens, completion_lens = [], [], [], []
     rows = torch.zeros(B, C, dtype=torch.long)
