@@ -87,7 +87,8 @@ def segment_attention_forward(
 ):
     """The attention function transformers calls for "fastrft_segment".
 
-    query: [B, Hq, L, D], key/value: [B, Hk, S, D] (any float dtype).
+    query: [B, Hq, L, D], key/value: [B, Hk, S, D] (any float dtype; mixed dtypes under autocast
+    run in the autocast dtype).
     segments: table over the B*L packed tokens (text layers; requires B == 1 and L == S).
     Returns (out [B, L, Hq, D] in query's dtype, None): no attention weights are formed.
     """
@@ -100,6 +101,12 @@ def segment_attention_forward(
             "fastrft_segment takes no attention mask: pack the batch (no padding) and pass segments=; "
             f"got a mask of shape {tuple(attention_mask.shape)}"
         )
+    if not (query.dtype == key.dtype == value.dtype):
+        # under autocast, rotary embeddings leave q and k in fp32 while v comes from a bf16 linear:
+        # attention runs in the autocast dtype, as autocast runs transformers' SDPA
+        dev = query.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else value.dtype
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     B, Hq, L, D = query.shape
     S = key.shape[2]
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))

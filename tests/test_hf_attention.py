@@ -168,3 +168,17 @@ def test_position_ids_helper_checks_its_arguments():
         shared_prefix_position_ids([torch.zeros(4)], [[1]])
     pos = shared_prefix_position_ids([torch.tensor([[0, 1, 1, 4], [0, 1, 2, 4], [0, 2, 1, 4]])], [[2, 0, 1]])
     assert pos.tolist() == [[0, 1, 1, 4, 5, 6, 5], [0, 1, 2, 4, 5, 6, 5], [0, 2, 1, 4, 5, 6, 5]]
+
+
+def test_autocast_mixed_dtypes_run_in_the_autocast_dtype():
+    """Under bf16 autocast with fp32 weights, rotary embeddings leave q and k in fp32 while v comes
+    from a bf16 linear: the attention runs in bf16, as autocast runs SDPA (without this every
+    packed forward under autocast, the trainer's on GPU and TRL's bf16 default, raised)."""
+    model = _tiny_model()
+    ids = torch.randint(0, 240, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(input_ids=ids).logits.float()  # sdpa
+        enable_segment_attention(model)
+        got = model(input_ids=ids).logits.float()
+    assert torch.isfinite(got).all()
+    assert ((got - ref).norm() / ref.norm()).item() < 2e-2  # bf16 rounding, two attention orders
