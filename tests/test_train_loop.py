@@ -36,8 +36,9 @@ def test_one_step_equals_naive_padded(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(train_mod, "sample_completions", record)
+    # TRL's defaults (the demo's are beta 0.04 and scale_rewards none): the naive loss below is TRL's dapo
     cfg = GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=1, learning_rate=1e-2, adam_epsilon=1e-4,
-                     max_grad_norm=0.5, **SMALL)
+                     max_grad_norm=0.5, beta=0.0, scale_rewards="group", **SMALL)
     train(cfg)
     got = _weights(ckpt.latest_checkpoint(tmp_path / "run"))
 
