@@ -7,13 +7,18 @@ One micro-batch is made by stock TRL's own generation on a random Qwen2.5-VL of 
 vocabulary with its LM head widened to --vocab (Qwen's 151,936 by default: the head is where the
 fused loss saves memory), then its `_compute_loss` + backward is timed for:
 - `trl`: stock trl 1.16, whose GRPOTrainer always scores with its own chunked fused LM head
-  (`add_fused_lm_head`; TRL 1.16 has no unfused path to compare against);
+  (`add_fused_lm_head`; TRL 1.16 has no unfused path to compare against). Off Triton devices
+  (CPU) that head scores every position of every row, prompt included;
+- `trl-compact` (CPU only): the same head scoring only the completion positions, as trl does on
+  CUDA (its `compact` switch, forced on for this trainer's calls; its tiles are still folded in
+  torch): what remains of the gap on CPU once the head computes the same rows as fastrft's;
 - `fastrft`: `FusedGRPOTrainer`, the loss from hidden states through `linear_policy_loss`;
 - `fastrft-shared`: the same with `shared_prompt=True`: the rows that share a prompt packed into
   one sequence, each prompt computed and each image encoded once.
 Timed round-robin in one process (medians); peak memory is the resident-set rise of one call
 after the warm-up (CPU) or max allocated (CUDA). Tokens and images: what the decoder and the
-vision tower computed for the micro-batch. Results: benchmarks/results/trl_dropin-<device>.json.
+vision tower computed for the micro-batch; LM-head rows: the positions the head scored.
+Results: benchmarks/results/trl_dropin-<device>.json.
 """
 
 from __future__ import annotations
@@ -86,6 +91,9 @@ def main() -> None:
     inputs = captured["inputs"]
     trainers = {
         "trl": stock,
+        **({"trl-compact": GRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=config,
+                                       train_dataset=data, processing_class=processor)}
+           if args.device == "cpu" else {}),
         "fastrft": FusedGRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=config, train_dataset=data,
                                     processing_class=processor),
         "fastrft-shared": FusedGRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=config,
@@ -95,15 +103,23 @@ def main() -> None:
     for t in trainers.values():  # set by Trainer.train(), which only the stock one ran
         t.current_gradient_accumulation_steps = stock.current_gradient_accumulation_steps
 
-    def step(trainer):
+    import trl.trainer.utils as trl_utils
+
+    def step(trainer, compact=False):
         def run():
             trainer.model.train()
-            loss = trainer._compute_loss(trainer.model, inputs)
+            use_triton = trl_utils._use_triton  # decides `compact` in add_fused_lm_head's forward
+            if compact:
+                trl_utils._use_triton = lambda device: True
+            try:
+                loss = trainer._compute_loss(trainer.model, inputs)
+            finally:
+                trl_utils._use_triton = use_triton
             loss.backward()
             trainer.model.zero_grad(set_to_none=True)
         return run
 
-    fns = {name: step(t) for name, t in trainers.items()}
+    fns = {name: step(t, compact=name == "trl-compact") for name, t in trainers.items()}
     times = time_side_by_side(fns, device=args.device, warmup=1, repeats=args.repeats)
     peaks = {}
     for name, fn in fns.items():
@@ -111,10 +127,11 @@ def main() -> None:
         peaks[name] = peak_memory_of_call(fn, args.device)
     B, C = inputs["completion_ids"].shape
     P = inputs["prompt_ids"].shape[1]
+    scored = int(inputs["completion_mask"].sum())  # completion tokens the loss scores
     out = []
     for name, t in trainers.items():
         metrics = t._metrics["train"]
-        if name == "trl":
+        if name.startswith("trl"):
             tokens, images = B * (P + C), inputs["image_grid_thw"].shape[0]
         else:
             tokens, images = metrics["fastrft/forward_tokens"][-1], metrics["fastrft/images_encoded"][-1]
@@ -122,6 +139,7 @@ def main() -> None:
             "trainer": name, "rows": B, "prompt_len": P, "completion_len": C, "median_s": times[name]["median_s"],
             "vs_trl": times[name]["median_s"] / times["trl"]["median_s"], "peak_mb": peaks[name] / 2**20,
             "tokens": int(tokens), "images": int(images),
+            "head_rows": B * (P + C - 1) if name == "trl" else scored,  # rows through the LM head
         })
     params = sum(p.numel() for p in model.parameters()) / 1e6
     notes = (f"random Qwen2.5-VL {params:.1f}M params (hidden {args.hidden}, {args.layers} layers, "
@@ -130,8 +148,8 @@ def main() -> None:
              f"_compute_loss + backward on one micro-batch from TRL's own generation, medians of {args.repeats}")
     path = write_results("trl_dropin", out, command=command_line(), device=args.device, notes=notes)
     print(notes)
-    print(markdown_table(out, ["trainer", "median_s", "vs_trl", "peak_mb", "tokens", "images"],
-                         ["trainer", "s / micro-batch", "time vs trl", "peak MiB", "tokens", "images"]))
+    print(markdown_table(out, ["trainer", "median_s", "vs_trl", "peak_mb", "tokens", "head_rows", "images"],
+                         ["trainer", "s / micro-batch", "time vs trl", "peak MiB", "tokens", "LM-head rows", "images"]))
     print(f"-> {path}")
 
 

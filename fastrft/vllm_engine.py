@@ -32,8 +32,10 @@ its images in the training forward (the transformers path suppresses them the sa
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import os
 import random
 import shutil
@@ -364,6 +366,10 @@ class VLLMEngine:
     def sync_weights(self, model) -> float:
         """Loads `model`'s parameters into the engine by name, in place (no disk), and clears the
         prefix cache. Returns the seconds it took."""
+        with _quiet_sync():
+            return self._sync_weights(model)
+
+    def _sync_weights(self, model) -> float:
         t0 = time.perf_counter()
         if self._asleep:
             self.llm.wake_up(tags=["weights"])
@@ -399,6 +405,38 @@ class VLLMEngine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# Modules whose only tensors are buffers vLLM computes from the config (rotary cos/sin tables, the
+# image mean/std of the fused input norm): a transformers state dict never holds them, so vLLM's
+# reload warns "<module>: Failed to load weights" for each of them at every sync.
+_NO_CHECKPOINT_WEIGHTS = {"RotaryEmbedding", "MRotaryEmbedding", "FusedMMInputNorm"}
+
+
+class _KnownUnloaded(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        known = record.msg == "%s: Failed to load weights" and record.args and record.args[0] in _NO_CHECKPOINT_WEIGHTS
+        return not known
+
+
+@contextlib.contextmanager
+def _quiet_sync():
+    """vLLM's logging during a weight sync, cut to what a user needs: it wrote 5 lines per step
+    (reload time, prefix-cache reset, three warnings for buffer-only modules), 1,250 lines around
+    the progress bar of the 250-step demo. At vLLM's default level (INFO) INFO is held back for the
+    sync (VLLM_LOGGING_LEVEL=DEBUG keeps everything); warnings pass, but for the buffer-only modules
+    above (a module with real weights that fails to load still warns)."""
+    root = logging.getLogger("vllm")
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    level, known = root.level, _KnownUnloaded()
+    if root.getEffectiveLevel() == logging.INFO:
+        root.setLevel(logging.WARNING)
+    layerwise.addFilter(known)
+    try:
+        yield
+    finally:
+        layerwise.removeFilter(known)
+        root.setLevel(level)
 
 
 def _collapse_runs(ids: list[int], placeholders: list[int]) -> list[int]:

@@ -21,6 +21,7 @@ import sys
 import pytest
 import torch
 
+import fastrft.vllm_engine
 from fastrft import packing, synthetic
 from fastrft.data import load_image, load_rows, render_prompt
 from fastrft.mismatch import importance_sampling_ratio, packed_sampling_logprobs
@@ -155,6 +156,35 @@ def test_optimizer_step_changes_engine_output(setup):
     flat = lambda r: [c.tolist() for g in r.completions for c in g]  # noqa: E731
     assert flat(after) != flat(before)
     assert flat(after) == flat(hf)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_sync_logs_only_what_matters(setup):
+    """A weight sync logged 5 lines a step (1,250 in the demo); now none, while a real load failure
+    (a module with weights) still warns."""
+    import logging
+
+    model, _, _, _, engine = setup
+    records = []
+    capture = logging.Handler()
+    capture.emit = records.append
+    root = logging.getLogger("vllm")
+    level = root.level
+    root.addHandler(capture)
+    try:
+        engine._sync_weights(model)  # unfiltered: what vLLM logs at a sync
+        assert any("Failed to load weights" in r.getMessage() for r in records)
+        records.clear()
+        engine.sync_weights(model)
+        assert [r.getMessage() for r in records] == []
+        with fastrft.vllm_engine._quiet_sync():
+            logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").warning(
+                "%s: Failed to load weights", "QKVParallelLinear")
+        assert [r.getMessage() for r in records] == ["QKVParallelLinear: Failed to load weights"]
+    finally:
+        root.removeHandler(capture)
+    assert root.level == level  # restored
 
 
 @pytest.mark.vllm
