@@ -89,6 +89,10 @@ def main() -> None:
     stock.train()
     stock._compute_loss = real
     inputs = captured["inputs"]
+    # the random model's completions all score alike (advantages 0, a zero loss): time the loss on
+    # the advantages a learning run has, so every gradient path carries values
+    adv = inputs["advantages"]
+    inputs["advantages"] = torch.randn(adv.shape, generator=torch.Generator().manual_seed(0)).to(adv)
     trainers = {
         "trl": stock,
         **({"trl-compact": GRPOTrainer(model=copy.deepcopy(model), reward_funcs=_reward, args=config,
