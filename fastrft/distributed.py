@@ -209,7 +209,8 @@ def shard(cfg, model, dist: Dist, device: torch.device) -> PolicyRoot:
     if device.type == "cuda" and cfg.bf16:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if getattr(cfg, "fsdp_cpu_offload", False):
-        kw["offload_policy"] = CPUOffloadPolicy()
+        # pinned host memory needs an accelerator: on a CPU run (tests) the policy runs unpinned
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     for block in transformer_blocks(model):
         fully_shard(block, **kw)
     model.__dict__["_fastrft_reshard"] = kw["reshard_after_forward"]

@@ -83,7 +83,8 @@ def runs():
 def _run_all(d: Path):
     t0 = time.time()
     codes = _wait({"one": _launch(d / "one", 1), "two": _launch(d / "two", 2),
-                   "die": _launch(d / "die", 2, {"FASTRFT_TEST_DIE_AT": "2:1"}, save_steps=1)})
+                   "die": _launch(d / "die", 2, {"FASTRFT_TEST_DIE_AT": "2:1"}, save_steps=1),
+                   "offload": _launch(d / "offload", 2, fsdp_reshard_after_forward=False, fsdp_cpu_offload=True)})
     phase_a = time.time() - t0
     assert codes["one"] == 0, (d / "one.log").read_text()[-3000:]
     assert codes["two"] == 0, (d / "two.log").read_text()[-3000:]
@@ -97,7 +98,7 @@ def _run_all(d: Path):
                         "resume1": _launch(d / "resume1", 1, resume=True),
                         "resume1to2": _launch(d / "resume1to2", 2, resume=True),
                         "lora2": _launch(d / "lora2", 2, **lora), "lora1": _launch(d / "lora1", 1, **lora)}))
-    print(f"\nphase A (1-proc, 2-rank, dying run) {phase_a:.0f} s; resumes and LoRA runs {time.time() - t1:.0f} s")
+    print(f"\nphase A (1 proc, 2 ranks, offload, dying run) {phase_a:.0f} s; resumes, LoRA {time.time() - t1:.0f} s")
     return d, codes
 
 
@@ -118,6 +119,23 @@ def test_two_ranks_equal_one_process(runs):
     head = "lm_head.weight"
     assert float((w1[head] - w0[head]).abs().max()) > 1e-4  # the head moved in step 3
     assert float((w1[head] - w2[head]).norm() / (w1[head] - w0[head]).norm()) <= 1e-3
+
+
+def test_offload_and_no_reshard_equal_one_process(runs):
+    """FSDP2 with `CPUOffloadPolicy` (unpinned on CPU) and blocks kept gathered after forward
+    (`fsdp_reshard_after_forward: false`, ZeRO-2-like): the same run as one process."""
+    d, codes = runs
+    assert codes["offload"] == 0, (d / "offload.log").read_text()[-3000:]
+    assert _rollouts(d / "one", 1) == _rollouts(d / "offload", 2)
+    l1, l2 = _losses(d / "one"), _losses(d / "offload")
+    assert len(l2) == 3
+    for a, b in zip(l1, l2):
+        assert abs(a - b) <= 1e-5 * max(abs(a), 1e-8), (l1, l2)
+    w1 = _weights(d / "one" / "checkpoints" / "step-000003")
+    w0 = _weights(d / "one" / "checkpoints" / "step-000002")
+    w2 = _weights(d / "offload" / "checkpoints" / "step-000003")
+    assert _max_rel(w1, w0) > 1e-4  # step 3 moved the weights
+    assert _max_rel(w1, w2) <= 1e-5, _max_rel(w1, w2)
 
 
 def test_resume_on_two_ranks_and_on_one(runs):
