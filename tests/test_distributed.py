@@ -102,18 +102,26 @@ def _run_all(d: Path):
     return d, codes
 
 
-def test_two_ranks_equal_one_process(runs):
-    d, _ = runs
-    assert _rollouts(d / "one", 1) == _rollouts(d / "two", 2)  # identical sampled completions, every step
-    l1, l2 = _losses(d / "one"), _losses(d / "two")
+def _equal_to_one_process(d: Path, name: str) -> tuple[dict, dict, dict]:
+    """Run `name` (2 ranks) against "one": identical sampled completions every step, losses and
+    parameters after step 3 within 1e-5 relative. Returns the one-process weights after steps 2
+    and 3 and `name`'s after step 3."""
+    assert _rollouts(d / "one", 1) == _rollouts(d / name, 2)
+    l1, l2 = _losses(d / "one"), _losses(d / name)
     assert len(l1) == len(l2) == 3 and any(abs(x) > 0 for x in l1)
     for a, b in zip(l1, l2):
         assert abs(a - b) <= 1e-5 * max(abs(a), 1e-8), (l1, l2)
-    w1, w2 = _weights(d / "one" / "checkpoints" / "step-000003"), _weights(d / "two" / "checkpoints" / "step-000003")
     w0 = _weights(d / "one" / "checkpoints" / "step-000002")
+    w1, w2 = _weights(d / "one" / "checkpoints" / "step-000003"), _weights(d / name / "checkpoints" / "step-000003")
     assert _max_rel(w1, w2) <= 1e-5, _max_rel(w1, w2)
-    print(f"\n2 ranks vs 1: loss rel diff {max(abs(a - b) / max(abs(a), 1e-8) for a, b in zip(l1, l2)):.2e}, "
-          f"params max per-tensor rel diff {_max_rel(w1, w2):.2e}")
+    loss_rel = max(abs(a - b) / max(abs(a), 1e-8) for a, b in zip(l1, l2))
+    print(f"\n{name} (2 ranks) vs 1: loss rel diff {loss_rel:.2e}, params max per-tensor rel {_max_rel(w1, w2):.2e}")
+    return w0, w1, w2
+
+
+def test_two_ranks_equal_one_process(runs):
+    d, _ = runs
+    w0, w1, w2 = _equal_to_one_process(d, "two")
     # the fused LM-head loss ran through the FSDP root: the head's gradient was reduced over the
     # ranks (an unreduced head would differ from the one-process head by half its update)
     head = "lm_head.weight"
@@ -126,16 +134,8 @@ def test_offload_and_no_reshard_equal_one_process(runs):
     (`fsdp_reshard_after_forward: false`, ZeRO-2-like): the same run as one process."""
     d, codes = runs
     assert codes["offload"] == 0, (d / "offload.log").read_text()[-3000:]
-    assert _rollouts(d / "one", 1) == _rollouts(d / "offload", 2)
-    l1, l2 = _losses(d / "one"), _losses(d / "offload")
-    assert len(l2) == 3
-    for a, b in zip(l1, l2):
-        assert abs(a - b) <= 1e-5 * max(abs(a), 1e-8), (l1, l2)
-    w1 = _weights(d / "one" / "checkpoints" / "step-000003")
-    w0 = _weights(d / "one" / "checkpoints" / "step-000002")
-    w2 = _weights(d / "offload" / "checkpoints" / "step-000003")
+    w0, w1, _ = _equal_to_one_process(d, "offload")
     assert _max_rel(w1, w0) > 1e-4  # step 3 moved the weights
-    assert _max_rel(w1, w2) <= 1e-5, _max_rel(w1, w2)
 
 
 def test_resume_on_two_ranks_and_on_one(runs):
